@@ -116,7 +116,7 @@ def token_logps(hidden, head_weight, labels, chunk_size=4096):
     return logps.masked_scatter(mask, label_logps), mask
 
 
-def check_every_row_has_labels(mask):
+def _check_every_row_has_labels(mask):
     """Raise a ValueError naming the first row of mask (N, T-1) that has no label token."""
     has_labels = mask.any(dim=1)
     if not has_labels.all():  # one device sync per step; correctness first
@@ -132,7 +132,7 @@ def sequence_logps(token_logps, mask, reduction="mean"):
     reduction "mean" is the paper's length-normalised log P (Eq. 3); "sum" is the plain sequence
     log-likelihood, kept to show why the paper normalises (see the module docstring).
     """
-    check_every_row_has_labels(mask)
+    _check_every_row_has_labels(mask)
     # Eq. 3: log P(y|x) = (1/m) sum_t log p(y_t | x, y<t) over the m response tokens
     summed = (token_logps * mask).sum(dim=1)
     if reduction == "sum":
@@ -169,9 +169,9 @@ def odds_ratio_loss(chosen_logps, rejected_logps):
     """L_OR per pair and the log odds ratio per pair, from (P,) sequence log-probs each.
 
     The gradient is dL_OR = -delta(d) * h(d) with delta(d) = 1 / (1 + odds(y_w)/odds(y_l)) and
-    h(d) = dlog P(y_w) / (1 - P(y_w)) - dlog P(y_l) / (1 - P(y_l)) (Eq. 8-10; the paper's Eq. 8 drops
-    the minus sign that Eq. 7 implies). 1/(1-P) grows as P -> 1, but delta falls as fast, so the
-    gradient stays finite: d L_OR / d log P(y_w) -> -odds(y_l).
+    h(d) = dlog P(y_w) / (1 - P(y_w)) - dlog P(y_l) / (1 - P(y_l)) (Eq. 8-10). The paper writes Eq. 8
+    as delta * h: its appendix derivation drops the minus of Eq. 7's -log sigma. 1/(1-P) grows as
+    P -> 1, but delta falls as fast, so the gradient stays finite: dL_OR / dlog P(y_w) -> -odds(y_l).
     """
     # Eq. 5: log OR = log odds(y_w|x) - log odds(y_l|x)
     log_odds_ratio = log_odds(chosen_logps) - log_odds(rejected_logps)
@@ -227,7 +227,7 @@ def sft_loss(token_logps, mask, num_tokens=None):
     micro-batch losses and metrics sum to the whole batch's. Returns the loss and detached metrics
     sft_loss and total_loss (the same number: there is no second term).
     """
-    check_every_row_has_labels(mask)
+    _check_every_row_has_labels(mask)
     num_tokens = mask.sum() if num_tokens is None else num_tokens
     # Eq. 2: L_SFT = -(1/m) sum_t log p(y_t | x, y<t)
     loss = -(token_logps * mask).sum() / num_tokens

@@ -188,3 +188,213 @@ def test_orpo_metrics_by_hand():
     assert abs(m["log_odds"] - sum(lors) / 2) < 1e-12 and m["pref_accuracy"] == 0.5
     assert m["chosen_logps"] == -2.0 and m["rejected_logps"] == -1.5
     assert not any(v.requires_grad for v in m.values())
+
+
+# ---- the chunked output head ----
+
+def head_batch(dtype=torch.float32, rows=3, tokens=7, width=8, vocab=11):
+    """Hidden states, head weight and labels with a masked prompt, right padding and odd row lengths."""
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(rows, tokens, width, generator=g, dtype=dtype, requires_grad=True)
+    weight = torch.randn(vocab, width, generator=g, dtype=dtype, requires_grad=True)
+    labels = torch.randint(0, vocab, (rows, tokens), generator=g)
+    labels[:, :2] = IGNORE_INDEX  # prompt
+    labels[1, 5:] = IGNORE_INDEX  # padding
+    labels[2, 3:] = IGNORE_INDEX
+    return hidden, weight, labels  # 5 + 3 + 1 = 9 label tokens after the shift
+
+
+def full_logits_logps(hidden, weight, labels):
+    """The plain way: every position's full logits, log_softmax in fp32, gather the next token."""
+    targets = labels[:, 1:]
+    mask = targets != IGNORE_INDEX
+    logprobs = F.log_softmax((hidden[:, :-1] @ weight.T).float(), dim=-1)  # (N, T-1, V)
+    return logprobs.gather(2, targets.clamp(min=0)[..., None]).squeeze(2) * mask, mask
+
+
+@pytest.mark.parametrize("chunk_size", [1, 4, 4096])  # 4 does not divide the 9 label tokens
+def test_chunked_head_equals_full_logits(chunk_size):
+    hidden, weight, labels = head_batch()
+    grad_out = torch.randn(3, 6, generator=torch.Generator().manual_seed(1))
+    expected, expected_mask = full_logits_logps(hidden, weight, labels)
+    expected_grads = torch.autograd.grad((expected * grad_out).sum(), (hidden, weight))
+    logps, mask = token_logps(hidden, weight, labels, chunk_size)
+    grads = torch.autograd.grad((logps * grad_out).sum(), (hidden, weight))
+    assert logps.dtype == torch.float32 and mask.tolist() == expected_mask.tolist()
+    torch.testing.assert_close(logps, expected, rtol=0, atol=1e-5)
+    for got, want in zip(grads, expected_grads):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+
+
+def test_frozen_head_gets_no_gradient():
+    hidden, weight, labels = head_batch()
+    weight.requires_grad_(False)
+    logps, _ = token_logps(hidden, weight, labels, chunk_size=4)
+    (grad_hidden,) = torch.autograd.grad(logps.sum(), hidden)
+    expected, _ = full_logits_logps(hidden, weight, labels)
+    torch.testing.assert_close(grad_hidden, torch.autograd.grad(expected.sum(), hidden)[0], rtol=0, atol=1e-5)
+    logps, _ = token_logps(hidden, weight, labels, chunk_size=4)
+    logps.sum().backward()
+    assert weight.grad is None and hidden.grad is not None
+
+
+def test_head_saves_no_logits_for_backward():
+    # 4 rows x 64 tokens x 1000-token vocabulary: fp32 logits would be 1 MB; the inputs are 20 KB.
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(4, 65, 4, generator=g, requires_grad=True)
+    weight = torch.randn(1000, 4, generator=g, requires_grad=True)
+    labels = torch.randint(0, 1000, (4, 65), generator=g)
+    saved_bytes = []
+
+    def pack(tensor):
+        saved_bytes.append(tensor.numel() * tensor.element_size())
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        token_logps(hidden, weight, labels, chunk_size=64)
+    assert 0 < sum(saved_bytes) < 64_000
+
+
+def test_gradcheck_chunked_head():
+    hidden, weight, labels = head_batch(torch.float64, width=3, vocab=6)
+    assert torch.autograd.gradcheck(lambda h, w: token_logps(h, w, labels, chunk_size=2)[0], (hidden, weight))
+
+
+def test_bf16_head_keeps_input_dtypes_and_fp32_logps():
+    hidden, weight, labels = head_batch()
+    expected, _ = full_logits_logps(hidden, weight, labels)
+    hidden16 = hidden.detach().bfloat16().requires_grad_()
+    weight16 = weight.detach().bfloat16().requires_grad_()
+    logps, _ = token_logps(hidden16, weight16, labels, chunk_size=4)
+    logps.sum().backward()
+    assert logps.dtype == torch.float32
+    assert hidden16.grad.dtype == torch.bfloat16 and weight16.grad.dtype == torch.bfloat16
+    torch.testing.assert_close(logps, expected.detach(), rtol=0, atol=0.1)
+
+
+# ---- a tiny stand-in causal model: micro-batches and the concatenated forward ----
+
+class TinyCausalLM(torch.nn.Module):
+    """Embedding, one causal attention head (SDPA, is_causal, no padding mask), output head."""
+
+    def __init__(self, vocab=13, width=8):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = torch.nn.Embedding(vocab, width)
+        self.qkv = torch.nn.Linear(width, 3 * width)
+        self.head = torch.nn.Parameter(torch.randn(vocab, width) * 0.5)
+
+    def forward(self, ids, labels, reduction="mean"):
+        x = self.embed(ids)
+        q, k, v = self.qkv(x)[:, None].chunk(3, dim=-1)  # (N, 1, T, width) each
+        hidden = x + F.scaled_dot_product_attention(q, k, v, is_causal=True)[:, 0]
+        return token_logps(hidden, self.head, labels, chunk_size=5)
+
+
+def make_rows(specs, vocab=13, seed=0):
+    """Right-padded ids and labels from (prompt length, response length) per row."""
+    g = torch.Generator().manual_seed(seed)
+    width = max(p + r for p, r in specs)
+    ids = torch.zeros(len(specs), width, dtype=torch.long)
+    labels = torch.full((len(specs), width), IGNORE_INDEX)
+    for i, (p, r) in enumerate(specs):
+        ids[i, :p + r] = torch.randint(1, vocab, (p + r,), generator=g)
+        labels[i, p:p + r] = ids[i, p:p + r]
+    return ids, labels
+
+
+PAIRS = [((3, 2), (3, 5)), ((2, 6), (2, 1)), ((4, 3), (4, 3)), ((1, 1), (1, 7))]  # (chosen, rejected)
+
+
+def pair_batch(pairs, seed=0):
+    """2P rows: the chosen rows of every pair, then the rejected rows in the same order."""
+    return make_rows([c for c, _ in pairs] + [r for _, r in pairs], seed=seed)
+
+
+def pair_rows(ids, labels, pair_indices, num_pairs):
+    """The rows of some pairs out of a 2P-row batch: their chosen rows, then their rejected rows."""
+    rows = list(pair_indices) + [num_pairs + i for i in pair_indices]
+    return ids[rows], labels[rows]
+
+
+def test_micro_batches_give_the_whole_batch_gradient():
+    model = TinyCausalLM().double()
+    params = list(model.parameters())
+    ids, labels = pair_batch(PAIRS)
+    whole_loss, whole_metrics = orpo_loss(*model(ids, labels), orpo_lambda=0.3)
+    whole_grads = torch.autograd.grad(whole_loss, params)
+
+    num_chosen_tokens = sum(chosen[1] for chosen, _ in PAIRS)  # 12, counted over the whole batch
+    summed_grads = [torch.zeros_like(p) for p in params]
+    summed_metrics = dict.fromkeys(whole_metrics, 0.0)
+    mean_of_micro_means = 0.0
+    for micro in ([0], [1, 2, 3]):  # uneven micro-batches: 1 pair, then 3
+        logps, mask = model(*pair_rows(ids, labels, micro, len(PAIRS)))
+        loss, metrics = orpo_loss(logps, mask, 0.3, num_chosen_tokens=num_chosen_tokens,
+                                  num_pairs=len(PAIRS))
+        for total, grad in zip(summed_grads, torch.autograd.grad(loss, params)):
+            total += grad
+        for name in metrics:
+            summed_metrics[name] += metrics[name]
+        mean_of_micro_means += orpo_loss(logps, mask, 0.3)[0].item() / 2  # the naive `loss / k`
+    for got, want in zip(summed_grads, whole_grads):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    for name in whole_metrics:
+        assert abs(summed_metrics[name] - whole_metrics[name]) < 1e-12, name
+    assert abs(mean_of_micro_means - whole_loss.item()) > 1e-3  # so the counts matter here
+
+
+def test_sft_micro_batches_give_the_whole_batch_gradient():
+    model = TinyCausalLM().double()
+    params = list(model.parameters())
+    ids, labels = make_rows([(3, 2), (2, 6), (1, 1), (4, 3)])
+    whole_loss, whole_metrics = sft_loss(*model(ids, labels))
+    whole_grads = torch.autograd.grad(whole_loss, params)
+    summed_grads = [torch.zeros_like(p) for p in params]
+    summed_loss = 0.0
+    for rows in ([0, 1, 2], [3]):
+        loss, metrics = sft_loss(*model(ids[rows], labels[rows]), num_tokens=12)
+        for total, grad in zip(summed_grads, torch.autograd.grad(loss, params)):
+            total += grad
+        summed_loss += metrics["sft_loss"]
+    for got, want in zip(summed_grads, whole_grads):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    assert abs(summed_loss - whole_metrics["sft_loss"]) < 1e-12
+    assert whole_metrics["total_loss"] == whole_metrics["sft_loss"]
+
+
+def test_one_concatenated_forward_equals_two_separate_forwards():
+    # Chosen rows are short and rejected rows long, so the concatenated batch pads the chosen rows
+    # further on the right; under a causal mask no real token sees that padding.
+    model = TinyCausalLM().double()
+    params = list(model.parameters())
+    pairs = [((3, 2), (3, 6)), ((2, 3), (2, 5))]
+    ids, labels = pair_batch(pairs)  # (4, 9)
+    loss, metrics = orpo_loss(*model(ids, labels), orpo_lambda=0.3)
+    grads = torch.autograd.grad(loss, params)
+
+    chosen_width, rejected_width = 5, 9
+    chosen_logps, chosen_mask = model(ids[:2, :chosen_width], labels[:2, :chosen_width])
+    rejected_logps, rejected_mask = model(ids[2:, :rejected_width], labels[2:, :rejected_width])
+    chosen = sequence_logps(chosen_logps, chosen_mask)
+    rejected = sequence_logps(rejected_logps, rejected_mask)
+    sft = -chosen_logps.sum() / chosen_mask.sum()
+    separate_loss = sft + 0.3 * odds_ratio_loss(chosen, rejected)[0].mean()
+    separate_grads = torch.autograd.grad(separate_loss, params)
+
+    torch.testing.assert_close(loss, separate_loss, rtol=1e-12, atol=1e-12)
+    assert abs(metrics["chosen_logps"] - chosen.mean()) < 1e-12
+    assert abs(metrics["rejected_logps"] - rejected.mean()) < 1e-12
+    for got, want in zip(grads, separate_grads):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+# ---- a row without label tokens is an error, not a NaN ----
+
+def test_row_without_labels_raises_a_clear_error():
+    logps, mask = rows_of([-1.0], [-2.0], [-1.5], [-0.5])
+    mask[1] = False
+    for call in (lambda: orpo_loss(logps, mask, 0.1), lambda: sft_loss(logps, mask),
+                 lambda: sequence_logps(logps, mask, "sum")):
+        with pytest.raises(ValueError, match=r"row 1 .*no label tokens.*data filter"):
+            call()
