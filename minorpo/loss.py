@@ -1,0 +1,235 @@
+"""The ORPO and SFT losses: per-token log-probs from the output head, sequence log-probs, odds ratio.
+
+Reference: Hong, Lee, Thorne 2024, "ORPO: Monolithic Preference Optimization without Reference
+Model", arXiv:2403.07691. Eq. 2 (L_SFT), Eq. 3 (length-normalised log P), Eq. 4-5 (odds, odds ratio),
+Eq. 6-7 (L_ORPO = L_SFT + lambda * L_OR), Eq. 8-10 (the gradient of L_OR).
+
+Decisions:
+- The output head runs only at label positions, in chunks, inside one autograd.Function that saves
+  its inputs and recomputes each chunk's logits in backward. Full logits for 16 rows x 1024 tokens x
+  Qwen's 151,936-token vocabulary are 10 GB in fp32, and plain chunking under autograd would still
+  keep them all for backward; here the head's extra memory is one chunk, whatever the batch size.
+  The matmul runs in the inputs' dtype (bf16 under autocast), log-softmax always in fp32.
+- L_SFT covers the chosen response only: prompt tokens and the rejected response are masked, as the
+  seed documentation says (training on rejected answers would teach bad answers). TRL's ORPO trainer
+  includes the prompt tokens in L_SFT; the paper's code has a switch for it; minorpo masks the prompt.
+- Gradient accumulation is exact: the NLL is divided by the chosen-token count of the whole optimizer
+  batch and the odds-ratio term by its pair count, both passed in, so k micro-batches give the
+  gradient of one batch. The returned metrics are normalised by the same counts, so they too SUM
+  over micro-batches (and over data-parallel ranks) to the whole batch's values.
+- A row without label tokens is an error, not a NaN: the data module filters such rows, and a mean
+  over zero tokens is 0/0, whose NaN gradient would ruin the weights.
+
+Sum versus mean (loss.logp_reduction). Two answers of equal quality, -1.0 per token, 200 and 260
+tokens long:
+
+                      mean (the paper, Eq. 3, default)     sum (the teaching contrast)
+    log P (200 tok)   -1.0, P = 0.37                       -200, P = e^-200 (about 1e-87)
+    log(1 - P)        -0.459                               -1e-87, which is 0 in any float
+    log odds          -0.541 (for both answers)            -200 and -260: odds = P, no odds left
+    log OR            0                                    +60 or -60, by length alone
+    L_OR              ln 2 = 0.693, a useful gradient      8.8e-27 (no gradient) or 60 (be shorter)
+
+With the sum the odds ratio collapses into a likelihood ratio that punishes length; with the mean
+it compares per-token quality, which is what the paper means by "odds of generating y".
+"""
+import math
+
+import torch
+import torch.nn.functional as F
+
+IGNORE_INDEX = -100  # label of a position that is not trained (prompt, padding); the one definition
+
+LOGP_SUM_WARNING = (
+    "loss.logp_reduction=sum: sequence log-probs are sums over the response, not the paper's "
+    "per-token mean (Eq. 3). Then P(y|x) is astronomically small (200 tokens at -1.0 each: "
+    "P = e^-200), log(1 - P) = 0, and the odds ratio collapses into a likelihood ratio that "
+    "punishes length: two answers of equal per-token quality, 200 and 260 tokens long, get "
+    "log OR = +60 or -60, so L_OR is about 0 (no gradient) or about 60 (a push towards shorter "
+    "answers). This is the teaching contrast; use logp_reduction=mean to train.")
+
+
+def _at_least_fp32(dtype):
+    return torch.promote_types(dtype, torch.float32)  # bf16 -> fp32; fp64 (gradcheck) stays fp64
+
+
+class _LabelLogps(torch.autograd.Function):
+    """log p(target | h) = h·w_target - logsumexp(h·W^T) per row, chunked, recomputed in backward."""
+
+    @staticmethod
+    @torch.amp.custom_fwd(device_type="cuda")
+    def forward(ctx, hidden_rows, head_weight, targets, chunk_size):
+        logps = hidden_rows.new_empty(len(targets), dtype=_at_least_fp32(hidden_rows.dtype))
+        logsumexps = torch.empty_like(logps)
+        for start in range(0, len(targets), chunk_size):
+            rows = slice(start, start + chunk_size)
+            logits = hidden_rows[rows] @ head_weight.T  # (chunk, V), the only big tensor
+            logits = logits.to(_at_least_fp32(logits.dtype))
+            logsumexps[rows] = torch.logsumexp(logits, dim=-1)
+            logps[rows] = logits.gather(1, targets[rows, None]).squeeze(1) - logsumexps[rows]
+        ctx.save_for_backward(hidden_rows, head_weight, targets, logsumexps)
+        ctx.chunk_size = chunk_size
+        return logps
+
+    @staticmethod
+    @torch.amp.custom_bwd(device_type="cuda")
+    def backward(ctx, grad_logps):
+        hidden_rows, head_weight, targets, logsumexps = ctx.saved_tensors
+        needs_hidden_grad, needs_weight_grad = ctx.needs_input_grad[:2]
+        grad_hidden = torch.empty_like(hidden_rows) if needs_hidden_grad else None
+        # A frozen head (LoRA training) skips the (V x H) gradient; a trainable one accumulates in fp32.
+        grad_weight = (torch.zeros(head_weight.shape, dtype=_at_least_fp32(head_weight.dtype),
+                                   device=head_weight.device) if needs_weight_grad else None)
+        for start in range(0, len(targets), ctx.chunk_size):
+            rows = slice(start, start + ctx.chunk_size)
+            g = grad_logps[rows]
+            logits = hidden_rows[rows] @ head_weight.T  # recomputed, as in forward
+            matmul_dtype = logits.dtype
+            # d log softmax(z)_y / dz = onehot(y) - softmax(z), so grad_logits = g * (onehot - softmax)
+            grad_logits = logits.to(_at_least_fp32(matmul_dtype))
+            grad_logits.sub_(logsumexps[rows, None]).exp_().mul_(-g[:, None])  # in place: one chunk
+            grad_logits[torch.arange(len(g), device=g.device), targets[rows]] += g
+            grad_logits = grad_logits.to(matmul_dtype)
+            if needs_hidden_grad:
+                grad_hidden[rows] = grad_logits @ head_weight  # (chunk, H)
+            if needs_weight_grad:
+                grad_weight += grad_logits.T @ hidden_rows[rows]  # (V, H)
+        if needs_weight_grad:
+            grad_weight = grad_weight.to(head_weight.dtype)
+        return grad_hidden, grad_weight, None, None
+
+
+def token_logps(hidden, head_weight, labels, chunk_size=4096):
+    """Log-probabilities of the label tokens, computed only where a label is set.
+
+    hidden (N, T, H) final hidden states, head_weight (V, H), labels (N, T) aligned with the input
+    ids, IGNORE_INDEX where nothing is trained. Position t's hidden state predicts label t+1; the
+    shift happens here. Returns logps (N, T-1) fp32, 0 where ignored, and mask (N, T-1) bool.
+    Gradients reach hidden, and head_weight when head_weight.requires_grad.
+    """
+    # log p(y_t | x, y<t) = z_t[y_t] - logsumexp(z_t), z_t = W h_{t-1}: the summand of Eq. 2 and 3
+    labels = labels[:, 1:]  # (N, T-1)
+    mask = labels != IGNORE_INDEX
+    hidden_rows = hidden[:, :-1][mask]  # (M, H), M = number of label tokens
+    label_logps = _LabelLogps.apply(hidden_rows, head_weight, labels[mask], chunk_size)  # (M,)
+    logps = label_logps.new_zeros(mask.shape)
+    return logps.masked_scatter(mask, label_logps), mask
+
+
+def _check_every_row_has_labels(mask):
+    """Raise a ValueError naming the first row of mask (N, T-1) that has no label token."""
+    has_labels = mask.any(dim=1)
+    if not has_labels.all():  # one device sync per step; correctness first
+        row = int((~has_labels).nonzero()[0])
+        raise ValueError(
+            f"row {row} of the batch has no label tokens (its response is empty or was truncated "
+            f"away); the data filter should have removed it. A mean over zero tokens is NaN.")
+
+
+def sequence_logps(token_logps, mask, reduction="mean"):
+    """Per-sequence log-prob of the response: (N, T-1) token log-probs and mask -> (N,).
+
+    reduction "mean" is the paper's length-normalised log P (Eq. 3); "sum" is the plain sequence
+    log-likelihood, kept to show why the paper normalises (see the module docstring).
+    """
+    _check_every_row_has_labels(mask)
+    # Eq. 3: log P(y|x) = (1/m) sum_t log p(y_t | x, y<t) over the m response tokens
+    summed = (token_logps * mask).sum(dim=1)
+    if reduction == "sum":
+        return summed
+    if reduction == "mean":
+        return summed / mask.sum(dim=1)
+    raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+
+
+def log1mexp(x):
+    """log(1 - e^x) for x < 0, accurate everywhere (Maechler 2012, "Accurately Computing log(1-exp(-|a|))").
+
+    Near 0, 1 - e^x cancels: log(-expm1(x)) keeps its digits. Far from 0, e^x is small and
+    log1p(-e^x) is exact. The switch is at x = -ln 2. Each branch sees a clamped input, so the one
+    torch.where discards can produce no inf whose gradient (0 * inf) would turn into NaN.
+    x is capped at minus the smallest normal float: a response the model is sure of has mean
+    log-prob exactly 0.0 in fp32, and log1mexp(0) = -inf would make the log odds inf, L_OR's
+    gradient NaN. Naive log1p(-exp(x)) is -inf in fp32 for every x > -3e-8.
+    """
+    x = x.clamp(max=-torch.finfo(x.dtype).tiny)
+    near_zero = x > -math.log(2)
+    return torch.where(near_zero,
+                       torch.log(-torch.expm1(x.clamp(min=-math.log(2)))),
+                       torch.log1p(-torch.exp(x.clamp(max=-math.log(2)))))
+
+
+def log_odds(seq_logps):
+    """log odds(y|x) from log P(y|x), elementwise."""
+    # Eq. 4: odds(y|x) = P / (1 - P), so log odds = log P - log(1 - P)
+    return seq_logps - log1mexp(seq_logps)
+
+
+def odds_ratio_loss(chosen_logps, rejected_logps):
+    """L_OR per pair and the log odds ratio per pair, from (P,) sequence log-probs each.
+
+    The gradient is dL_OR = -delta(d) * h(d) with delta(d) = 1 / (1 + odds(y_w)/odds(y_l)) and
+    h(d) = dlog P(y_w) / (1 - P(y_w)) - dlog P(y_l) / (1 - P(y_l)) (Eq. 8-10). The paper writes Eq. 8
+    as delta * h: its appendix derivation drops the minus of Eq. 7's -log sigma. 1/(1-P) grows as
+    P -> 1, but delta falls as fast, so the gradient stays finite: dL_OR / dlog P(y_w) -> -odds(y_l).
+    """
+    # Eq. 5: log OR = log odds(y_w|x) - log odds(y_l|x)
+    log_odds_ratio = log_odds(chosen_logps) - log_odds(rejected_logps)
+    # Eq. 7: L_OR = -log sigma(log OR); logsigmoid is stable for either sign
+    return -F.logsigmoid(log_odds_ratio), log_odds_ratio
+
+
+def orpo_loss(token_logps, mask, orpo_lambda, reduction="mean", num_chosen_tokens=None,
+              num_pairs=None):
+    """The ORPO objective (Eq. 6) over 2P rows: P chosen rows, then the P rejected rows in the same order.
+
+    token_logps (2P, T-1) and mask (2P, T-1) come from token_logps(). num_chosen_tokens and
+    num_pairs are the counts of the whole optimizer batch (all micro-batches; all ranks if the
+    gradients are summed over ranks); they default to this batch's own counts. Returns the loss
+    (a scalar with gradient) and detached scalar metrics, each normalised by those counts so that
+    summing a metric over the micro-batches gives the whole batch's value:
+      sft_loss        sum of chosen-token NLL / num_chosen_tokens
+      orpo_loss       sum of L_OR / num_pairs
+      total_loss      sft_loss + orpo_lambda * orpo_loss
+      log_odds        sum of log OR / num_pairs (the mean log odds ratio)
+      pref_accuracy   count of pairs with log OR > 0 / num_pairs
+      chosen_logps    sum of the chosen sequence log-probs / num_pairs (same for rejected_logps)
+    """
+    if token_logps.shape[0] % 2:
+        raise ValueError(f"expected chosen rows then rejected rows, got an odd {token_logps.shape[0]} rows")
+    pairs = token_logps.shape[0] // 2
+    seq_logps = sequence_logps(token_logps, mask, reduction)  # (2P,)
+    chosen_logps, rejected_logps = seq_logps[:pairs], seq_logps[pairs:]
+    chosen_mask = mask[:pairs]
+    num_chosen_tokens = chosen_mask.sum() if num_chosen_tokens is None else num_chosen_tokens
+    num_pairs = pairs if num_pairs is None else num_pairs
+
+    # Eq. 2, chosen response only: L_SFT = -(1/m) sum_t log p(y_w,t | x, y_w,<t)
+    sft = -(token_logps[:pairs] * chosen_mask).sum() / num_chosen_tokens
+    or_losses, log_odds_ratio = odds_ratio_loss(chosen_logps, rejected_logps)
+    orpo = or_losses.sum() / num_pairs
+    # Eq. 6: L_ORPO = L_SFT + lambda * L_OR
+    total = sft + orpo_lambda * orpo
+    metrics = {
+        "sft_loss": sft, "orpo_loss": orpo, "total_loss": total,
+        "log_odds": log_odds_ratio.sum() / num_pairs,
+        "pref_accuracy": (log_odds_ratio > 0).sum() / num_pairs,
+        "chosen_logps": chosen_logps.sum() / num_pairs,
+        "rejected_logps": rejected_logps.sum() / num_pairs,
+    }
+    return total, {name: value.detach() for name, value in metrics.items()}
+
+
+def sft_loss(token_logps, mask, num_tokens=None):
+    """Token-mean NLL over every labelled token of every row (training.type sft), Eq. 2.
+
+    num_tokens is the label-token count of the whole optimizer batch (defaults to this batch's), so
+    micro-batch losses and metrics sum to the whole batch's. Returns the loss and detached metrics
+    sft_loss and total_loss (the same number: there is no second term).
+    """
+    _check_every_row_has_labels(mask)
+    num_tokens = mask.sum() if num_tokens is None else num_tokens
+    # Eq. 2: L_SFT = -(1/m) sum_t log p(y_t | x, y<t)
+    loss = -(token_logps * mask).sum() / num_tokens
+    value = loss.detach()
+    return loss, {"sft_loss": value, "total_loss": value}
