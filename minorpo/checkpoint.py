@@ -258,6 +258,13 @@ def atomic_folder(path):
 def save_model(model, folder, tokenizer_from=None, dtype=None):
     """Write model as a Hugging Face checkpoint folder (config.json, model.safetensors), atomically, in
     dtype (default: the model's); copy the tokenizer files of the folder or Hub id tokenizer_from."""
+    with atomic_folder(folder) as tmp:
+        write_model(model, tmp, tokenizer_from, dtype)
+    return folder
+
+
+def write_model(model, folder, tokenizer_from=None, dtype=None):
+    """save_model's work, into an existing (temporary) folder; for callers that add files of their own."""
     cfg = model.config
     dtype = dtype or model.model.embed_tokens.weight.dtype
     state = {name: t.detach().to("cpu", dtype).contiguous() for name, t in model.state_dict().items()}
@@ -266,10 +273,8 @@ def save_model(model, folder, tokenizer_from=None, dtype=None):
     check_tensors(expected_shapes(cfg), {name: t.shape for name, t in state.items()}, f"save_model({folder})",
                   hint="merge LoRA adapters into the base weights before saving a checkpoint")
     source = resolve(tokenizer_from) if tokenizer_from else None
-    with atomic_folder(folder) as tmp:
-        save_safetensors(state, os.path.join(tmp, WEIGHTS), metadata={"format": "pt"})  # transformers wants it
-        save_config_json(cfg, tmp, dtype)
-        for name in TOKENIZER_FILES:
-            if source and os.path.isfile(os.path.join(source, name)):
-                shutil.copy2(os.path.join(source, name), tmp)
-    return folder
+    save_safetensors(state, os.path.join(folder, WEIGHTS), metadata={"format": "pt"})  # transformers wants it
+    save_config_json(cfg, folder, dtype)
+    for name in TOKENIZER_FILES:
+        if source and os.path.isfile(os.path.join(source, name)):
+            shutil.copy2(os.path.join(source, name), folder)
