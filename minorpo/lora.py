@@ -1,0 +1,219 @@
+"""LoRA, written by hand: wrap chosen nn.Linear layers, pick trainable groups, merge, save like PEFT.
+
+LoRA (Hu et al. 2021, arXiv:2106.09685, Eq. 3) freezes a pretrained weight W0 and learns a low-rank
+update:    h = W0·x + (alpha / r) · B·A·x,    A: (r, in), B: (out, r).
+A starts kaiming-uniform and B at zero, so B·A = 0 and the wrapped model starts identical to the base.
+
+Decisions:
+- The base weights are loaded strictly first, then wrapped (no key-renaming load hooks). LoRALinear
+  keeps the base layer's own `weight` and `bias` Parameters, so the base keys stay unchanged
+  (`...q_proj.weight`) and only `...q_proj.lora_A` / `lora_B` are added.
+- Groups (the seed's names): `lora` = LoRA on the FFN projections (lora.targets), `attn_lora` = LoRA on
+  the attention projections (lora.attn_targets), `embed`, `norm`, `head`, and `all` (every parameter,
+  full fine-tuning). A LoRA layer's group is decided by where it sits (inside `self_attn` or not), so
+  injection and loading an adapter agree. With a tied head, `head` and `embed` are the same tensor.
+- `merge_lora` is explicit, never a side effect of `.eval()` (loralib's surprise), and idempotent.
+- Adapters are saved in PEFT's file layout so PEFT-based tools can load them.
+"""
+import json
+import math
+import os
+import re
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+from minorpo.checkpoint import save_safetensors
+from minorpo.config import GROUPS
+
+ATTENTION_BLOCKS = ("self_attn",)  # module names that hold attention projections
+PEFT_PREFIX = "base_model.model."
+
+
+class LoRALinear(nn.Module):
+    """h = W0·x + b + (alpha/r)·B·A·dropout(x)   (LoRA Eq. 3); W0 and b frozen, A and B trained."""
+
+    def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0, group: str = "lora"):
+        super().__init__()
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.weight, self.bias = base.weight, base.bias  # the base layer's own Parameters: keys unchanged
+        self.weight.requires_grad_(False)
+        if self.bias is not None:
+            self.bias.requires_grad_(False)
+        self.rank, self.alpha, self.scaling, self.group = rank, alpha, alpha / rank, group
+        kw = dict(device=base.weight.device, dtype=torch.float32)  # adapters train in fp32 (DESIGN.md)
+        self.lora_A = nn.Parameter(torch.empty(rank, self.in_features, **kw))   # (r, in)
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, **kw))  # (out, r)
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # the nn.Linear default, as in PEFT
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+    def forward(self, x):
+        base = F.linear(x, self.weight, self.bias)
+        # Under CUDA autocast both matmuls run in bf16; on the CPU the fp32 adapter needs x in fp32.
+        a, b = self.lora_A, self.lora_B
+        if not torch.is_autocast_enabled(x.device.type):
+            a, b = a.to(x.dtype), b.to(x.dtype)
+        return base + F.linear(F.linear(self.dropout(x), a), b) * self.scaling
+
+    def merged_weight(self):
+        """W0 + (alpha/r)·B·A, computed in fp32 and cast back to W0's dtype."""
+        delta = self.lora_B.float() @ self.lora_A.float() * self.scaling
+        return (self.weight.float() + delta).to(self.weight.dtype)
+
+    def extra_repr(self):
+        return f"{self.in_features}, {self.out_features}, rank={self.rank}, alpha={self.alpha}, group={self.group}"
+
+
+def _layer_index(name):
+    m = re.search(r"\blayers\.(\d+)\.", name)
+    return int(m.group(1)) if m else None
+
+
+def _group_of(name):
+    return "attn_lora" if any(f".{block}." in f".{name}." for block in ATTENTION_BLOCKS) else "lora"
+
+
+def _replace(model, name, new):
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+
+
+def inject_lora(model, rank, alpha, dropout=0.0, targets=(), attn_targets=(), start_layer=0, num_layers=0):
+    """Replace the nn.Linear layers whose last name part is in targets (FFN) or attn_targets (attention)
+    by LoRALinear, in layers start_layer .. start_layer+num_layers-1 (num_layers=0: all).
+    Returns the wrapped module names. A keyword that matches nothing, or a keyword in the wrong list,
+    is an error that names it."""
+    wanted = {kw: "lora" for kw in targets} | {kw: "attn_lora" for kw in attn_targets}
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    found, wrapped = set(), []
+    for name, module in linears.items():
+        kw = name.rsplit(".", 1)[-1]
+        if kw not in wanted:
+            continue
+        if wanted[kw] != _group_of(name):
+            where = "lora.attn_targets" if _group_of(name) == "attn_lora" else "lora.targets"
+            raise ValueError(f"LoRA target `{kw}` ({name}) is {'an attention' if where.endswith('attn_targets') else 'an FFN'} "
+                             f"projection: list it under {where}")
+        found.add(kw)
+        i = _layer_index(name)
+        if i is None or i < start_layer or (num_layers and i >= start_layer + num_layers):
+            continue
+        _replace(model, name, LoRALinear(module, rank, alpha, dropout, group=wanted[kw]))
+        wrapped.append(name)
+    missing = sorted(set(wanted) - found)
+    if missing:
+        names = sorted({n.rsplit(".", 1)[-1] for n in linears})
+        raise ValueError(f"LoRA target(s) {missing} match no linear layer; the model's are: {', '.join(names)}")
+    if not wrapped:
+        raise ValueError(f"no layer in lora.start_layer={start_layer}, lora.num_layers={num_layers}")
+    return wrapped
+
+
+def lora_layers(model):
+    return {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+def group_parameters(model, group):
+    """The named parameters that a trainable group covers: {name: Parameter}."""
+    if group not in GROUPS:
+        raise ValueError(f"unknown trainable group `{group}`; valid: {', '.join(GROUPS)}")
+    params = dict(model.named_parameters())
+    if group == "all":
+        return params
+    if group in ("lora", "attn_lora"):
+        return {f"{n}.{p}": getattr(m, p) for n, m in lora_layers(model).items() if m.group == group
+                for p in ("lora_A", "lora_B")}
+    if group == "embed":
+        return {n: p for n, p in params.items() if n.endswith("embed_tokens.weight")}
+    if group == "head":  # with tied embeddings this is the embedding (named_parameters lists it once)
+        head = model.get_submodule("lm_head").weight
+        return {n: p for n, p in params.items() if p is head}
+    return {n: p for n, p in params.items() if re.search(r"norm\.weight$", n)}  # norm
+
+
+def set_trainable(model, groups):
+    """Train exactly the parameters of `groups`; freeze every other one. Returns (trainable, total) counts."""
+    chosen = {}
+    for g in groups:
+        chosen.update(group_parameters(model, g))
+    if any(g in ("lora", "attn_lora") for g in groups) and not lora_layers(model):
+        raise ValueError("a phase trains `lora`/`attn_lora` but the model has no LoRA layers")
+    ids = {id(p) for p in chosen.values()}
+    for p in model.parameters():
+        p.requires_grad_(id(p) in ids)
+    total = sum(p.numel() for p in model.parameters())
+    return sum(p.numel() for p in model.parameters() if p.requires_grad), total
+
+
+def phase_at(phases, step):
+    """The trainable groups of the last phase that starts at or before `step`."""
+    return [p for p in phases if p["step"] <= step][-1]["trainable"]
+
+
+@torch.no_grad()
+def merge_lora(model):
+    """Fold every LoRA update into its base weight and put a plain nn.Linear back. Idempotent."""
+    for name, m in lora_layers(model).items():
+        linear = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None,
+                           device=m.weight.device, dtype=m.weight.dtype)
+        linear.weight.copy_(m.merged_weight())
+        if m.bias is not None:
+            linear.bias.copy_(m.bias)
+        _replace(model, name, linear)
+    return model
+
+
+def adapter_state(model):
+    """LoRA tensors under PEFT's key names: base_model.model.<module>.lora_A.weight."""
+    return {f"{PEFT_PREFIX}{n}.lora_{x}.weight": getattr(m, f"lora_{x}").detach().float().contiguous()
+            for n, m in lora_layers(model).items() for x in ("A", "B")}
+
+
+def save_adapter(model, folder, base_model_name=""):
+    """Write adapter_config.json + adapter_model.safetensors (PEFT's layout) into `folder`."""
+    layers = lora_layers(model)
+    if not layers:
+        raise ValueError("save_adapter: the model has no LoRA layers")
+    first = next(iter(layers.values()))
+    indices = sorted({_layer_index(n) for n in layers})
+    all_layers = len(indices) == len(model.get_submodule("model.layers"))
+    config = {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model_name,
+        "r": first.rank, "lora_alpha": first.alpha, "lora_dropout": getattr(first.dropout, "p", 0.0),
+        "target_modules": sorted({n.rsplit(".", 1)[-1] for n in layers}),
+        "layers_to_transform": None if all_layers else indices,
+        "bias": "none", "fan_in_fan_out": False, "inference_mode": True, "modules_to_save": None,
+    }
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "adapter_config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+    save_safetensors(adapter_state(model), os.path.join(folder, "adapter_model.safetensors"))
+
+
+def load_adapter(model, folder):
+    """Wrap the modules named in a PEFT-layout adapter folder and load its weights (strict)."""
+    cfg_path, w_path = os.path.join(folder, "adapter_config.json"), os.path.join(folder, "adapter_model.safetensors")
+    for p in (cfg_path, w_path):
+        if not os.path.isfile(p):
+            raise FileNotFoundError(f"{p}: not found; an adapter folder holds adapter_config.json and "
+                                    "adapter_model.safetensors")
+    with open(cfg_path) as f:
+        cfg = json.load(f)
+    tensors = load_file(w_path)
+    names = sorted({k[len(PEFT_PREFIX):].rsplit(".lora_", 1)[0] for k in tensors})
+    for name in names:
+        module = model.get_submodule(name)
+        if not isinstance(module, LoRALinear):
+            module = LoRALinear(module, cfg["r"], cfg["lora_alpha"], cfg.get("lora_dropout", 0.0), _group_of(name))
+            _replace(model, name, module)
+        for x in ("A", "B"):
+            key = f"{PEFT_PREFIX}{name}.lora_{x}.weight"
+            want = getattr(module, f"lora_{x}")
+            if key not in tensors or tensors[key].shape != want.shape:
+                got = tuple(tensors[key].shape) if key in tensors else "missing"
+                raise ValueError(f"{w_path}: tensor {key} is {got}, the model needs {tuple(want.shape)}")
+            with torch.no_grad():
+                want.copy_(tensors[key])
+    return names
