@@ -19,6 +19,7 @@ Decisions:
   out-of-memory error shows at step 1, not hours in. The order is a function of (seed, epoch) alone,
   so a resumed run continues at (epoch, batch index) exactly.
 """
+import itertools
 import json
 import os
 import random
@@ -48,9 +49,9 @@ def example_problem(example, keys, vocab_size):
     be a non-empty list of ints of one length, ids in the vocabulary, labels IGNORE_INDEX or the id."""
     for ids_key, labels_key in zip(keys[0::2], keys[1::2]):
         for key in (ids_key, labels_key):
-            value = example.get(key)
             if key not in example:
                 return f'missing field "{key}"'
+            value = example[key]
             if not isinstance(value, list) or not value or not all(type(v) is int for v in value):
                 return f'field "{key}" must be a non-empty list of integers, got {json.dumps(value)[:60]}'
         ids, labels = example[ids_key], example[labels_key]
@@ -99,7 +100,8 @@ def write_examples(examples, path):
 
 def split_examples(examples, eval_fraction, seed):
     """(train, held_out) by a seeded permutation: round(n * eval_fraction) examples are held out, at least
-    one when eval_fraction > 0, and at least one is left to train on. Both keep the file order."""
+    one when eval_fraction > 0, and at least one is left to train on. Both keep the file order.
+    (With data.eval_path, train.py loads that file with data.load_examples instead.)"""
     n = len(examples)
     n_eval = max(0, min(max(round(n * eval_fraction), int(eval_fraction > 0)), n - 1))
     held_out = set(random.Random(f"split-{seed}").sample(range(n), n_eval))
@@ -124,7 +126,7 @@ def batch_order(lengths, batch_size, seed, epoch, group_by_length=True):
         by_length = sorted(order[start:start + window], key=lambda i: lengths[i], reverse=True)
         batches += [by_length[i:i + batch_size] for i in range(0, len(by_length), batch_size)]
     rng.shuffle(batches)
-    if batches:  # each batch starts with its longest example
+    if batches:  # the batch with the longest example first (each batch lists its longest example first)
         batches.insert(0, batches.pop(max(range(len(batches)), key=lambda b: lengths[batches[b][0]])))
     return batches
 
@@ -148,14 +150,13 @@ def show_example(example, tokenizer, color=None):
     A pair shows the prompt once, then the chosen and the rejected response."""
     color = sys.stdout.isatty() if color is None else color
 
-    def marked(ids, labels):
+    def marked(ids, labels):  # decode each run of trained or untrained tokens, mark the trained runs
         text, start = "", 0
-        for t in range(1, len(ids) + 1):  # decode each run of equally-marked tokens
-            if t == len(ids) or (labels[t] == IGNORE_INDEX) != (labels[start] == IGNORE_INDEX):
-                run = tokenizer.decode(ids[start:t], skip_special_tokens=False)
-                trained = labels[start] != IGNORE_INDEX
-                text += (f"\033[32m{run}\033[0m" if color else f"⟦{run}⟧") if trained else run
-                start = t
+        for trained, run in itertools.groupby(labels, key=lambda label: label != IGNORE_INDEX):
+            end = start + len(list(run))
+            piece = tokenizer.decode(ids[start:end], skip_special_tokens=False)
+            text += (f"\033[32m{piece}\033[0m" if color else f"⟦{piece}⟧") if trained else piece
+            start = end
         return text
     rows = rows_of(example)
     if len(rows) == 1:

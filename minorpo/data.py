@@ -9,8 +9,8 @@ References: ORPO, Hong, Lee, Thorne 2024 (arXiv:2403.07691), for the masks and t
 Qwen's ChatML template; nanochat, which builds ids and labels together, one segment at a time.
 
 Decisions:
-- Labels follow Hugging Face: labels[t] = input_ids[t] on trained tokens and IGNORE_INDEX elsewhere
-  (the loss shifts). labels[0] is always IGNORE_INDEX: nothing predicts the first token, so the count
+- Labels follow Hugging Face: labels[t] = input_ids[t] on trained tokens and IGNORE_INDEX (-100,
+  defined in batches.py) elsewhere; the loss shifts. labels[0] is always IGNORE_INDEX: nothing predicts the first token, so the count
   of label tokens is the count of predicted tokens.
 - The prompt and each response are tokenized as separate segments, so the boundary is exact and the
   prompt ids are those generation sees. A response is `{text}<|im_end|>` (chatml) or
@@ -32,7 +32,7 @@ import re
 from tokenizers import Tokenizer
 
 from minorpo.batches import (IGNORE_INDEX, PAIR_KEYS, SFT_KEYS, example_problem, first_trained, make_example,
-                             truncate)
+                             rows_of, truncate)
 
 LAYOUTS = {
     "sft": '{"prompt", "response"}, {"text"}, {"messages"} or {"prompt", "chosen", "rejected"}',
@@ -261,11 +261,11 @@ def make_examples(rows, tokenizer, task, fmt="raw", template="chatml", max_lengt
     """Rows [(where, dict)] -> (examples, report lines). See load_examples."""
     counts = dict.fromkeys((EMPTY_LABELS, EMPTY_RESPONSE, IDENTICAL), 0)
     ids = _template_ids(tokenizer, template) if fmt == "raw" else None
-    segmented, rendered = [], []
+    vocab_size, segmented, rendered = tokenizer.get_vocab_size(), [], []
     for where, row in rows:
         try:
             if fmt == "processed":
-                segmented.append(_processed(row, task, where, tokenizer.get_vocab_size()))
+                segmented.append(_processed(row, task, where, vocab_size))
             else:
                 rendered.append(_render(row, task, template, ids, where))
         except _Filtered as reason:
@@ -275,7 +275,7 @@ def make_examples(rows, tokenizer, task, fmt="raw", template="chatml", max_lengt
     for prompt, answers in segmented:
         prompt, answers, was_cut = truncate(prompt, answers, max_length, max_prompt_length)
         example = make_example(prompt, answers)
-        if any(all(label == IGNORE_INDEX for label in example[k]) for k in example if k.endswith("labels")):
+        if any(labels.count(IGNORE_INDEX) == len(labels) for _, labels in rows_of(example)):  # no label tokens
             counts[EMPTY_LABELS] += 1
             continue
         cut += was_cut

@@ -176,6 +176,8 @@ def test_processed_format_round_trips(tok, tmp_path):
         path = str(tmp_path / f"{task}.jsonl")
         write_examples(examples, path)
         assert load_examples(path, tok, task, fmt="processed")[0] == examples
+    chosen = [{"input_ids": e["chosen_input_ids"], "labels": e["chosen_labels"]} for e in pairs]
+    assert load_examples(str(tmp_path / "prompted_preference.jsonl"), tok, "sft", fmt="processed")[0] == chosen
 
 
 BAD_LINES = [  # (line, task, fmt, what the error says)
