@@ -10,8 +10,8 @@ Qwen's ChatML template; nanochat, which builds ids and labels together, one segm
 
 Decisions:
 - Labels follow Hugging Face: labels[t] = input_ids[t] on trained tokens and IGNORE_INDEX (-100,
-  defined in batches.py) elsewhere; the loss shifts. labels[0] is always IGNORE_INDEX: nothing predicts the first token, so the count
-  of label tokens is the count of predicted tokens.
+  defined in batches.py) elsewhere; the loss shifts. labels[0] is always IGNORE_INDEX: nothing
+  predicts the first token, so the count of label tokens is the count of predicted tokens.
 - The prompt and each response are tokenized as separate segments, so the boundary is exact and the
   prompt ids are those generation sees. A response is `{text}<|im_end|>` (chatml) or
   `{text}<|endoftext|>` (raw); a cut response loses that end token, so the model never learns to stop
