@@ -38,7 +38,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-IGNORE_INDEX = -100  # label of a position that is not trained (prompt, padding); the one definition
+from minorpo.batches import IGNORE_INDEX  # -100: the label of a position that is not trained
 
 LOGP_SUM_WARNING = (
     "loss.logp_reduction=sum: sequence log-probs are sums over the response, not the paper's "
