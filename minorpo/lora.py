@@ -217,3 +217,17 @@ def load_adapter(model, folder):
             with torch.no_grad():
                 want.copy_(tensors[key])
     return names
+
+
+def master_parameters(model, groups):
+    """Every parameter that one of `groups` trains, {name: Parameter} in model order, moved to fp32:
+    on CUDA the frozen weights stay bf16, while trained ones keep fp32 master copies for AdamW
+    (bf16 autocast still runs their matmuls in bf16). A no-op on the CPU, where all is fp32."""
+    chosen = {}
+    for g in groups:
+        chosen.update(group_parameters(model, g))
+    ids = {id(p) for p in chosen.values()}
+    params = {n: p for n, p in model.named_parameters() if id(p) in ids}
+    for p in params.values():
+        p.data = p.data.float()
+    return params
