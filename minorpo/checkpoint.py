@@ -18,6 +18,10 @@ Decisions:
   device one at a time and assigned: no random initialisation, no fp32 copy of a bf16 checkpoint.
 - A tied model (tie_word_embeddings) stores no lm_head.weight: the head is the embedding matrix. A copy
   stored in a tied checkpoint is ignored, as transformers does.
+- config.json's model_type picks the model class (MODELS). Qwen3.5 ships as a vision-language checkpoint
+  (qwen3_5): the text model's config is its text_config, its weights model.language_model.*, beside
+  model.visual.* and mtp.* (vision encoder, multi-token prediction), which minorpo skips. It is saved
+  text-only (qwen3_5_text, keys model.*), as transformers' Qwen3_5ForCausalLM saves it.
 - config.json is read in both spellings found in the wild, transformers 4 (`rope_theta`, `torch_dtype`)
   and transformers 5 (`rope_parameters.rope_theta`, `dtype`), and written with both, so either reads it.
 - Writes are atomic: a checkpoint is written into a temporary sibling folder that is renamed into place
@@ -40,13 +44,18 @@ import uuid
 import torch
 from safetensors import safe_open
 
-from minorpo.model import FAMILIES, ModelConfig, Qwen
+from minorpo.model import ModelConfig, Qwen
+from minorpo.qwen35 import Qwen35, Qwen35Config
 
 CONFIG, WEIGHTS, INDEX = "config.json", "model.safetensors", "model.safetensors.index.json"
 # copied next to the weights by save_model, when the source folder has them
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
                    "merges.txt", "added_tokens.json", "chat_template.jinja", "generation_config.json")
-ARCHITECTURES = {"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+# model_type -> (config class, model class, the transformers class named in a saved config.json)
+MODELS = {"qwen2": (ModelConfig, Qwen, "Qwen2ForCausalLM"), "qwen3": (ModelConfig, Qwen, "Qwen3ForCausalLM"),
+          "qwen3_5_text": (Qwen35Config, Qwen35, "Qwen3_5ForCausalLM")}
+VISION_LANGUAGE = {"qwen3_5": "qwen3_5_text"}  # a vision-language model_type -> its text model's
+TEXT_PREFIX, UNUSED_PREFIXES = "model.language_model.", ("model.visual.", "mtp.")  # in a qwen3_5 checkpoint
 DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.int64: "I64",
                       torch.int32: "I32", torch.uint8: "U8", torch.bool: "BOOL"}
@@ -117,9 +126,12 @@ def load_model_config(folder):
             raw = json.load(f)
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{path}: not valid JSON ({e})") from None
-    if raw.get("model_type") not in FAMILIES:
+    if raw.get("model_type") in VISION_LANGUAGE:  # the language model's config, with the top-level tie
+        raw = {"tie_word_embeddings": raw.get("tie_word_embeddings", False), **raw.get("text_config", {}),
+               "model_type": VISION_LANGUAGE[raw["model_type"]]}
+    if raw.get("model_type") not in MODELS:
         raise CheckpointError(f"{path}: model_type {raw.get('model_type')!r} is not supported; minorpo runs "
-                              "qwen2 (Qwen2, Qwen2.5) and qwen3 (dense Qwen3) models")
+                              "qwen2 (Qwen2, Qwen2.5), qwen3 (dense Qwen3) and qwen3_5 (dense Qwen3.5) models")
     rope = raw.get("rope_parameters") or raw.get("rope_scaling") or {}  # transformers 5, transformers 4
     if rope.get("rope_type", rope.get("type", "default")) != "default":
         raise CheckpointError(f"{path}: RoPE scaling {rope!r} is not supported; remove it from config.json "
@@ -131,16 +143,19 @@ def load_model_config(folder):
     missing = [key for key in REQUIRED if key not in raw]
     if missing:
         raise CheckpointError(f"{path}: missing {', '.join(missing)}")
-    fields = {f.name: raw[f.name] for f in dataclasses.fields(ModelConfig) if f.name in raw}
+    config_class = MODELS[raw["model_type"]][0]
+    names = {f.name for f in dataclasses.fields(config_class)}
+    fields = {name: raw[name] for name in names if name in raw}
     fields["num_key_value_heads"] = raw.get("num_key_value_heads") or raw["num_attention_heads"]
-    if rope.get("rope_theta", raw.get("rope_theta")) is not None:
-        fields["rope_theta"] = float(rope.get("rope_theta", raw.get("rope_theta")))
+    for name in ("rope_theta", "partial_rotary_factor"):  # in rope_parameters since transformers 5
+        if name in names and rope.get(name, raw.get(name)) is not None:
+            fields[name] = float(rope.get(name, raw.get(name)))
     if fields.get("head_dim") is None:
         fields.pop("head_dim", None)
     if raw["model_type"] == "qwen2":
         fields.pop("attention_bias", None)  # not a Qwen2 key: Qwen2 always has a q/k/v bias
     try:
-        return ModelConfig(**fields)
+        return config_class(**fields)
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{path}: {e}") from None
 
@@ -167,7 +182,7 @@ def weight_files(folder):
 def expected_shapes(cfg):
     """{checkpoint tensor name: shape} of a model with config cfg; a tied model stores no lm_head.weight."""
     with torch.device("meta"):
-        shapes = {name: tuple(t.shape) for name, t in Qwen(cfg).state_dict().items()}
+        shapes = {name: tuple(t.shape) for name, t in MODELS[cfg.model_type][1](cfg).state_dict().items()}
     if cfg.tie_word_embeddings:
         del shapes["lm_head.weight"]
     return shapes
@@ -186,8 +201,17 @@ def check_tensors(expected, found, where, hint="the weights do not belong to thi
             raise CheckpointError(f"{where}: unexpected tensor {name} (shape {list(found[name])}); {hint}")
 
 
+def model_key(name, cfg):
+    """The model's name for checkpoint tensor `name`, or None for a tensor of a part minorpo does not use."""
+    if cfg.model_type != "qwen3_5_text":
+        return name
+    if name.startswith(UNUSED_PREFIXES):
+        return None
+    return "model." + name[len(TEXT_PREFIX):] if name.startswith(TEXT_PREFIX) else name
+
+
 def load_model(folder_or_name, dtype=torch.float32, device="cpu"):
-    """A Qwen model with the weights of a checkpoint folder or a cached Hub id, in dtype on device."""
+    """A Qwen or Qwen35 model with the weights of a checkpoint folder or a cached Hub id, in dtype on device."""
     folder = resolve(folder_or_name)
     cfg = load_model_config(folder)
     files = weight_files(folder)
@@ -195,22 +219,25 @@ def load_model(folder_or_name, dtype=torch.float32, device="cpu"):
     for path in files:
         with safe_open(path, framework="pt") as f:
             for name in f.keys():
-                found[name], file_of[name] = f.get_slice(name).get_shape(), path
+                key = model_key(name, cfg)
+                if key is not None:
+                    found[key], file_of[key] = f.get_slice(name).get_shape(), path
     if cfg.tie_word_embeddings:
         found.pop("lm_head.weight", None)  # tied: the head is the embedding, a stored copy is ignored
     where = files[0] if len(files) == 1 else os.path.join(folder, INDEX)
     check_tensors(expected_shapes(cfg), found, where)
 
     with torch.device("meta"):
-        model = Qwen(cfg)  # shapes only: no memory, no random initialisation
+        model = MODELS[cfg.model_type][1](cfg)  # shapes only: no memory, no random initialisation
     state = {}
     for path in files:
         with safe_open(path, framework="pt") as f:
             for name in f.keys():
-                if name in found and file_of[name] == path:
+                key = model_key(name, cfg)
+                if key in found and file_of[key] == path:
                     # copy: get_tensor returns a view of the memory-mapped file, which dies if the file is
                     # rewritten in place; the model owns its weights
-                    state[name] = f.get_tensor(name).to(device=device, dtype=dtype, copy=True)
+                    state[key] = f.get_tensor(name).to(device=device, dtype=dtype, copy=True)
     if cfg.tie_word_embeddings:
         state["lm_head.weight"] = state["model.embed_tokens.weight"]
     model.load_state_dict(state, strict=True, assign=True)
@@ -221,12 +248,15 @@ def load_model(folder_or_name, dtype=torch.float32, device="cpu"):
 
 def save_config_json(cfg, folder, dtype=torch.bfloat16):
     """Write folder/config.json for cfg, readable by minorpo and by transformers 4 and 5."""
-    raw = {"architectures": [ARCHITECTURES[cfg.model_type]], **dataclasses.asdict(cfg), "hidden_act": "silu",
+    raw = {"architectures": [MODELS[cfg.model_type][2]], **dataclasses.asdict(cfg), "hidden_act": "silu",
            "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
            "torch_dtype": DTYPE_NAMES[dtype], "dtype": DTYPE_NAMES[dtype],
            "use_sliding_window": False, "attention_dropout": 0.0, "use_cache": True}
     if cfg.model_type == "qwen2":
         del raw["attention_bias"]  # not a Qwen2 key
+    if cfg.model_type == "qwen3_5_text":  # no sliding window; RoPE turns part of each head
+        del raw["use_sliding_window"]
+        raw["rope_parameters"]["partial_rotary_factor"] = cfg.partial_rotary_factor
     raw = {key: value for key, value in raw.items() if value is not None}
     with open(os.path.join(folder, CONFIG), "w") as f:
         json.dump(raw, f, indent=2, sort_keys=True)

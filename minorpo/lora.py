@@ -9,9 +9,13 @@ Decisions:
   keeps the base layer's own `weight` and `bias` Parameters, so the base keys stay unchanged
   (`...q_proj.weight`) and only `...q_proj.lora_A` / `lora_B` are added.
 - Groups (the seed's names): `lora` = LoRA on the FFN projections (lora.targets), `attn_lora` = LoRA on
-  the attention projections (lora.attn_targets), `embed`, `norm`, `head`, and `all` (every parameter,
-  full fine-tuning). A LoRA layer's group is decided by where it sits (inside `self_attn` or not), so
-  injection and loading an adapter agree. With a tied head, `head` and `embed` are the same tensor.
+  the token-mixer projections (lora.attn_targets), `embed`, `norm`, `head`, and `all` (every parameter,
+  full fine-tuning). A LoRA layer's group is decided by where it sits (inside `self_attn` or `linear_attn`,
+  or not), so injection and loading an adapter agree. With a tied head, `head` and `embed` are the same
+  tensor.
+- Qwen3.5's linear-attention projections (`linear_attn.in_proj_qkv`, `in_proj_z`, `in_proj_b`,
+  `in_proj_a`, `out_proj`) belong to `attn_lora`: they do the same job as q/k/v/o (mixing tokens) in
+  three of every four layers, so a phase that trains attention trains them too, with no new group name.
 - `merge_lora` is explicit, never a side effect of `.eval()` (loralib's surprise), and idempotent.
 - Adapters are saved in PEFT's file layout so PEFT-based tools can load them.
 """
@@ -28,7 +32,7 @@ from safetensors.torch import load_file
 from minorpo.checkpoint import save_safetensors
 from minorpo.config import GROUPS
 
-ATTENTION_BLOCKS = ("self_attn",)  # module names that hold attention projections
+ATTENTION_BLOCKS = ("self_attn", "linear_attn")  # module names that hold token-mixer (attention) projections
 PEFT_PREFIX = "base_model.model."
 
 
