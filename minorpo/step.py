@@ -35,7 +35,8 @@ class Policy(nn.Module):
         return L.token_logps(hidden, self.model.lm_head.weight, labels, self.chunk_size)
 
 
-def _all_reduce(x):
+def all_reduce(x):
+    """Sum x over the data-parallel ranks (in place); a no-op in a single process."""
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(x)
     return x
@@ -68,7 +69,7 @@ def train_step(policy, optimizer, micro_batches, objective, orpo_lambda=None, re
     """Forward and backward over the micro-batches of one optimizer step, clip, guard, AdamW step.
     Returns the step's metrics (floats, summed over micro-batches and averaged over ranks) with
     `grad_norm` and `skipped` (1.0 when the update was dropped for a non-finite loss or gradient)."""
-    num_tokens, num_pairs = _all_reduce(batch_counts(micro_batches, objective).to(device)).tolist()
+    num_tokens, num_pairs = all_reduce(batch_counts(micro_batches, objective).to(device)).tolist()
     world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
     totals = {}
     for i, batch in enumerate(micro_batches):
@@ -85,7 +86,7 @@ def train_step(policy, optimizer, micro_batches, objective, orpo_lambda=None, re
     params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
     grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm > 0 else math.inf)
     names = sorted(totals)
-    values = _all_reduce(torch.stack([torch.as_tensor(totals[k], dtype=torch.float32, device=device)
+    values = all_reduce(torch.stack([torch.as_tensor(totals[k], dtype=torch.float32, device=device)
                                       for k in names]))
     metrics = {k: v for k, v in zip(names, values.tolist())}  # sums over ranks of global-normalised parts
     metrics["grad_norm"] = grad_norm.item()

@@ -1,0 +1,131 @@
+"""train.py end to end, in subprocesses, on the embedded tiny model and data (a few dozen steps each)."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from minorpo import checkpoint, lora
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FAST = ["training.log_every=5", "training.eval_every=0", "training.warmup_steps=2", "sample.max_new_tokens=8"]
+
+
+def train(out, *overrides, preset="orpo", check=True):
+    cmd = [sys.executable, os.path.join(ROOT, "train.py"), os.path.join(ROOT, "presets", f"{preset}.yml"),
+           f"output_dir={out}", *FAST, *overrides]
+    p = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300)
+    if check:
+        assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    return p
+
+
+def metrics(run_dir):
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+@pytest.fixture(scope="module")
+def orpo_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("orpo")
+    p = train(out, "training.max_steps=40", "training.eval_every=40")
+    return out, p.stdout
+
+
+def test_orpo_run_lowers_loss_and_writes_outputs(orpo_run):
+    out, stdout = orpo_run
+    rows = metrics(out / "orpo")
+    assert [r["step"] for r in rows] == [5, 10, 15, 20, 25, 30, 35, 40]
+    assert rows[-1]["train/total_loss"] < 0.6 * rows[0]["train/total_loss"]
+    for key in ("train/sft_loss", "train/orpo_loss", "train/log_odds", "train/pref_accuracy", "train/chosen_logps",
+                "train/rejected_logps", "train/lr", "train/grad_norm", "train/tokens_per_s"):
+        assert key in rows[0], key
+    assert {"eval/pref_accuracy", "eval/rejected_logps", "eval/total_loss"} <= set(rows[-1])
+    assert rows[-1]["train/total_loss"] == pytest.approx(rows[-1]["train/sft_loss"] + 1.0 * rows[-1]["train/orpo_loss"])
+    assert (out / "orpo" / "config.yml").is_file()
+    assert sorted(os.listdir(out / "orpo" / "final")) == ["config.json", "model.safetensors", "tokenizer.json"]
+    assert "example pair (trained tokens marked)" in stdout and "[sample] after training" in stdout
+
+
+def test_final_checkpoint_loads_back_and_generates(orpo_run):
+    out, _ = orpo_run
+    model = checkpoint.load_model(str(out / "orpo" / "final"))
+    base = checkpoint.load_model(str(out / "tiny-model"))
+    assert not torch.equal(model.lm_head.weight, base.lm_head.weight)  # it trained
+    new = model.generate([1, 2, 3], max_new_tokens=5)
+    assert len(new) == 5 and all(0 <= i < model.config.vocab_size for i in new)
+
+
+def test_lora_run_saves_merged_model_and_peft_adapter(tmp_path):
+    train(tmp_path, "training.max_steps=6", "training.learning_rate=1e-2", "lora.rank=4",
+          "training.phases=[{step: 0, trainable: [lora, attn_lora]}]")
+    final = tmp_path / "orpo" / "final"
+    assert sorted(os.listdir(final / "adapter")) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert json.loads((final / "adapter" / "adapter_config.json").read_text())["r"] == 4
+    # base + adapter, merged here, equals the merged checkpoint that train.py wrote
+    model = checkpoint.load_model(str(tmp_path / "tiny-model"))
+    lora.load_adapter(model, str(final / "adapter"))
+    lora.merge_lora(model)
+    saved = load_file(str(final / "model.safetensors"))
+    for name, tensor in model.state_dict().items():
+        if name in saved:
+            assert torch.allclose(tensor, saved[name], atol=1e-6), name
+    assert not torch.equal(saved["model.layers.0.mlp.up_proj.weight"],
+                           checkpoint.load_model(str(tmp_path / "tiny-model")).model.layers[0].mlp.up_proj.weight)
+
+
+def test_resume_ends_with_the_same_weights(tmp_path):
+    common = ["training.max_steps=10", "training.grad_accum_steps=2", "training.batch_size=4"]
+    train(tmp_path, *common, "training.save_every=4", "run_name=through")
+    assert sorted(p for p in os.listdir(tmp_path / "through") if p.startswith("step_")) == ["step_000004",
+                                                                                          "step_000008"]
+    p = train(tmp_path, *common, f"training.resume_from={tmp_path / 'through' / 'step_000004'}", "run_name=resumed")
+    assert "continuing at step 4" in p.stdout
+    a = load_file(str(tmp_path / "through" / "final" / "model.safetensors"))
+    b = load_file(str(tmp_path / "resumed" / "final" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert [r["step"] for r in metrics(tmp_path / "resumed")] == [5, 10]
+
+
+def test_guard_stops_a_run_that_keeps_going_non_finite(tmp_path):
+    # A learning rate of 1e30 makes the weights overflow after the first update; every later step is
+    # non-finite, is skipped, and the run stops after max_bad_steps of them, without writing final/.
+    p = train(tmp_path, "training.max_steps=20", "training.learning_rate=1e30", "training.max_bad_steps=3",
+              "training.warmup_steps=0", check=False)
+    assert p.returncode != 0
+    assert "[guard] 3 non-finite steps in a row: stopping" in p.stderr
+    assert p.stdout.count("update skipped") == 3
+    assert not (tmp_path / "orpo" / "final").exists()
+
+
+def test_sft_then_orpo_chains(tmp_path):
+    train(tmp_path, "training.max_steps=10", preset="sft")
+    rows = metrics(tmp_path / "sft")
+    assert "train/orpo_loss" not in rows[0] and "eval/rejected_logps" in rows[-1]  # SFT still watches pairs
+    sft_final = tmp_path / "sft" / "final"
+    p = train(tmp_path, f"model_name={sft_final}", "training.max_steps=5")
+    assert f"[model] {sft_final}" in p.stdout
+    first = metrics(tmp_path / "orpo")[0]["train/sft_loss"]
+    assert first < metrics(tmp_path / "sft")[0]["train/sft_loss"]  # it starts from the SFT weights
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["training.orpo_lamda=0.2"], "did you mean `training.orpo_lambda`"),
+    (["model_name=/no/such/model"], "/no/such/model"),
+    (["data.path=/no/such.jsonl"], "/no/such.jsonl"),
+])
+def test_bad_input_is_one_line_without_traceback(tmp_path, overrides, message):
+    p = train(tmp_path, "training.max_steps=1", *overrides, check=False)
+    assert p.returncode != 0 and message in p.stderr
+    assert "Traceback" not in p.stderr and len(p.stderr.strip().splitlines()) == 1
+
+
+def test_malformed_jsonl_names_file_and_line(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n{"prompt": "a", "chosen": "b"}\n')
+    p = train(tmp_path, "training.max_steps=1", f"data.path={bad}", check=False)
+    assert p.returncode != 0 and f"{bad}:2" in p.stderr and "rejected" in p.stderr
+    assert "Traceback" not in p.stderr
