@@ -1,0 +1,56 @@
+"""Data parallel: torchrun with 2 CPU processes (gloo) equals one process with the same global batch."""
+import json
+import os
+import subprocess
+import sys
+
+import torch
+from safetensors.torch import load_file
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+COMMON = ["training.max_steps=4", "training.grad_accum_steps=2", "training.log_every=1", "training.eval_every=2",
+          "training.warmup_steps=1", "sample.max_new_tokens=4"]
+
+
+def run(out, nproc, *overrides):
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] \
+        if nproc > 1 else [sys.executable]
+    cmd = launcher + [os.path.join(ROOT, "train.py"), os.path.join(ROOT, "presets", "orpo.yml"),
+                      f"output_dir={out}", *COMMON, *overrides]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    p = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300, env=env)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    return p.stdout
+
+
+def weights(folder):
+    return load_file(os.path.join(folder, "final", "model.safetensors"))
+
+
+def assert_close(a, b, atol=1e-5):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=atol), (k, (a[k] - b[k]).abs().max())
+
+
+def test_two_processes_equal_one_with_the_same_global_batch(tmp_path):
+    run(tmp_path, 1, "training.batch_size=8", "run_name=single")
+    stdout = run(tmp_path, 2, "training.batch_size=4", "run_name=ddp")
+    assert_close(weights(tmp_path / "single"), weights(tmp_path / "ddp"))
+    # each rank took its own half of every batch: together they saw exactly the single run's tokens
+    single = [json.loads(r) for r in (tmp_path / "single" / "metrics.jsonl").read_text().splitlines()]
+    ddp = [json.loads(r) for r in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["train/tokens"] for r in ddp] == [r["train/tokens"] for r in single]
+    assert all(r["train/tokens"] > 0 for r in ddp)
+    # only rank 0 logs and writes: one log line and one metrics row per step, one final folder
+    assert stdout.count("step     3 |") == 1
+    assert len(ddp) == 4
+    assert sorted(os.listdir(tmp_path / "ddp")) == ["config.yml", "final", "metrics.jsonl"]
+
+
+def test_resumed_two_process_run_continues_exactly(tmp_path):
+    run(tmp_path, 2, "training.batch_size=4", "training.save_every=2", "run_name=through")
+    stdout = run(tmp_path, 2, "training.batch_size=4", "run_name=resumed",
+                 f"training.resume_from={tmp_path / 'through' / 'step_000002'}")
+    assert "continuing at step 2" in stdout
+    assert_close(weights(tmp_path / "through"), weights(tmp_path / "resumed"), atol=0)
