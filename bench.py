@@ -1,0 +1,114 @@
+"""Benchmark: one ORPO training step of minorpo on a Qwen3-0.6B-shaped model (protocol: README, Performance).
+
+It times step.train_step, the very function train.py calls, on the protocol's synthetic batch: 8 pairs,
+lengths drawn from [32, 512] per prompt / chosen / rejected, random ids, random bf16 weights (no
+download). Prints one JSON line per configuration, comparable with the Hugging Face + PEFT + TRL-style
+baseline run in the same call on the same GPU.
+
+    python bench.py                    # LoRA r16 and full fine-tuning, on the GPU
+    python bench.py --tiny             # tiny shapes on the CPU: checks that it runs (the tests do this)
+    python bench.py --configs lora --compile off --grad-ckpt on
+"""
+import argparse
+import contextlib
+import json
+import statistics
+import time
+
+import torch
+
+from minorpo import lora, step
+from minorpo.loss import IGNORE_INDEX
+from minorpo.model import ModelConfig, Qwen
+
+SHAPES = {
+    "qwen3-0.6b": dict(vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
+                       num_attention_heads=16, num_key_value_heads=8, head_dim=128),
+    "tiny": dict(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, head_dim=16),
+}
+LORA_TARGETS = dict(targets=["gate_proj", "up_proj", "down_proj"], attn_targets=["q_proj", "k_proj", "v_proj", "o_proj"])
+
+
+def protocol_batch(pairs, vocab_size, lo=32, hi=512, max_len=1024, seed=0):
+    """The protocol's batch: per pair, lengths (prompt, chosen, rejected) then the ids in that order,
+    from one seeded generator; rows are prompt+chosen (all pairs) then prompt+rejected, right-padded."""
+    g = torch.Generator().manual_seed(seed)
+    triples = []
+    for _ in range(pairs):
+        lengths = [int(torch.randint(lo, hi + 1, (1,), generator=g)) for _ in range(3)]
+        triples.append([torch.randint(0, vocab_size, (n,), generator=g) for n in lengths])
+    rows = [(p, c) for p, c, _ in triples] + [(p, r) for p, _, r in triples]
+    seqs = [torch.cat([p, y])[:max_len] for p, y in rows]
+    input_ids = torch.zeros(len(seqs), max(len(s) for s in seqs), dtype=torch.long)
+    labels = torch.full_like(input_ids, IGNORE_INDEX)
+    for i, ((p, _), s) in enumerate(zip(rows, seqs)):
+        input_ids[i, :len(s)] = s
+        labels[i, len(p):len(s)] = s[len(p):]
+    return {"input_ids": input_ids, "labels": labels}, sum(len(s) for s in seqs)
+
+
+def run(shape, kind, pairs, compile_layers, grad_ckpt, chunk_size, steps, warmup):
+    on_cuda = torch.cuda.is_available() and shape != "tiny"
+    device = "cuda" if on_cuda else "cpu"
+    torch.manual_seed(0)
+    cfg = ModelConfig(**SHAPES[shape], model_type="qwen3", rope_theta=1e6, rms_norm_eps=1e-6,
+                      max_position_embeddings=4096, tie_word_embeddings=True, attention_bias=False)
+    with torch.device(device):
+        model = Qwen(cfg).to(torch.bfloat16 if on_cuda else torch.float32)
+    # the same precision policy as train.py: trained weights fp32, frozen ones bf16, bf16 autocast
+    if kind == "lora":
+        lora.inject_lora(model, 16, 32.0, 0.0, **LORA_TARGETS)
+        groups = ["lora", "attn_lora"]
+    else:
+        groups = ["all"]
+    trained = lora.master_parameters(model, groups)
+    lora.set_trainable(model, groups)
+    model.gradient_checkpointing = grad_ckpt
+    if compile_layers:
+        for layer in model.model.layers:
+            layer.compile()
+    policy = step.Policy(model, chunk_size)
+    optimizer = torch.optim.AdamW(list(trained.values()), lr=1e-5, fused=on_cuda)
+    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if on_cuda else contextlib.nullcontext
+    lo, hi, max_len = (32, 512, 1024) if shape != "tiny" else (8, 32, 64)
+    batch, real_tokens = protocol_batch(pairs, cfg.vocab_size, lo, hi, max_len)
+    if on_cuda:
+        torch.cuda.reset_peak_memory_stats()
+    times, m = [], {}
+    for i in range(warmup + steps):
+        if on_cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        m = step.train_step(policy, optimizer, [batch], "orpo", 0.1, "mean", 1.0, autocast, device)
+        if on_cuda:
+            torch.cuda.synchronize()
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    ms = statistics.median(times) * 1e3
+    return dict(name=f"minorpo_{kind}{'_compile' if compile_layers else ''}{'_gc' if grad_ckpt else ''}",
+                shape=shape, pairs=pairs, ms=round(ms, 2), real_tokens=real_tokens,
+                real_tok_per_s=round(real_tokens / ms * 1e3), pairs_per_s=round(pairs / ms * 1e3, 2),
+                peak_gb=round(torch.cuda.max_memory_allocated() / 2**30, 2) if on_cuda else None,
+                loss=round(m["total_loss"], 4), trainable_params=sum(p.numel() for p in trained.values()),
+                device=torch.cuda.get_device_name() if on_cuda else "cpu", torch=torch.__version__)
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--tiny", action="store_true", help="tiny shapes on the CPU")
+    ap.add_argument("--pairs", type=int, default=8)
+    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--configs", default="lora,full", help="comma list of lora, full")
+    ap.add_argument("--compile", choices=["auto", "on", "off"], default="auto", help="auto: on for CUDA")
+    ap.add_argument("--grad-ckpt", choices=["on", "off"], default="off")
+    ap.add_argument("--chunk-size", type=int, default=4096, help="response tokens per output-head chunk")
+    a = ap.parse_args()
+    shape = "tiny" if a.tiny else "qwen3-0.6b"
+    use_compile = a.compile == "on" or (a.compile == "auto" and torch.cuda.is_available() and not a.tiny)
+    for kind in a.configs.split(","):
+        print(json.dumps(run(shape, kind, a.pairs, use_compile, a.grad_ckpt == "on", a.chunk_size,
+                             a.steps, a.warmup)), flush=True)
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
