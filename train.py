@@ -166,6 +166,27 @@ def run_eval():  # pairs are scored as ORPO scores them; an SFT run's total is i
     return {f"eval/{k}": v for k, v in m.items()}
 
 
+def report(row, eta=None):
+    """One readable log line, and the same numbers as one JSON line in metrics.jsonl (rank 0 only)."""
+    line = f"step {row['step']:5d}"
+    if "train/total_loss" in row:
+        line += f" | loss {row['train/total_loss']:.4f} | sft {row['train/sft_loss']:.4f}"
+        if objective == "orpo":
+            line += (f" | or {row['train/orpo_loss']:.4f} | log_odds {row['train/log_odds']:+.3f}"
+                     f" | acc {row['train/pref_accuracy']:.2f}")
+        line += (f" | lr {row['train/lr']:.2e} | grad {row['train/grad_norm']:.2f}"
+                 f" | {row['train/tokens_per_s']:,.0f} tok/s")
+        line += f" | mem {row['train/memory_gb']:.1f} GB" if "train/memory_gb" in row else ""
+        line += f" | eta {eta:.0f}s"
+    if "eval/pref_accuracy" in row:
+        line += (f" || eval acc {row['eval/pref_accuracy']:.3f} | chosen {row['eval/chosen_logps']:.3f}"
+                 f" | rejected {row['eval/rejected_logps']:.3f}")
+    log(line)
+    if master:
+        with open(metrics_path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+
 # 8. resume, then the loop
 it, epoch, position, skipped, bad_in_row = 0, 0, 0, 0, 0
 if t["resume_from"]:
@@ -179,9 +200,11 @@ phase = lora.phase_at(t["phases"], it)
 n_train, n_total = lora.set_trainable(model, phase)
 log(f"[model] {model_dir}: training {phase}: {n_train:,} of {n_total:,} parameters "
     f"({100 * n_train / n_total:.2f}%)")
+metrics_path = os.path.join(run_dir, "metrics.jsonl")
 if master and it == 0 and eval_set:
     show_samples("before training")
-metrics_path = os.path.join(run_dir, "metrics.jsonl")
+    if t["eval_every"]:  # the starting point of the eval curves
+        report({"step": 0, **run_eval()})
 order = batches.batch_order(lengths, t["batch_size"] * world, cfg["seed"], epoch, d["group_by_length"])
 sums, tokens, t0, t_start, start_it = {}, 0, time.time(), time.time(), it
 while it < t["max_steps"]:
@@ -212,7 +235,8 @@ while it < t["max_steps"]:
         for k, v in {**m, "steps": 1}.items():  # averaged over the steps since the last log line
             sums[k] = sums.get(k, 0.0) + v
         tokens += sum(lengths[j] for idx in step_idx for j in idx[rank::world])  # this rank's real tokens
-    if (it % t["log_every"] == 0 or it == t["max_steps"]) and sums:
+    do_eval = bool(eval_set) and (it == t["max_steps"] or (t["eval_every"] and it % t["eval_every"] == 0))
+    if (it % t["log_every"] == 0 or it == t["max_steps"] or do_eval) and sums:
         n, dt = sums.pop("steps"), time.time() - t0
         if ddp:  # every rank counted its own shard
             tokens = int(step.all_reduce(torch.tensor(tokens, device=device)))
@@ -221,23 +245,9 @@ while it < t["max_steps"]:
                "train/skipped_steps": skipped}
         if on_cuda:
             row["train/memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
-        if master and eval_set and (it == t["max_steps"] or (t["eval_every"] and it % t["eval_every"] == 0)):
+        if master and do_eval:
             row.update(run_eval())
-        eta = (time.time() - t_start) / (it - start_it) * (t["max_steps"] - it)
-        line = f"step {it:5d} | loss {row['train/total_loss']:.4f} | sft {row['train/sft_loss']:.4f}"
-        if objective == "orpo":
-            line += (f" | or {row['train/orpo_loss']:.4f} | log_odds {row['train/log_odds']:+.3f}"
-                     f" | acc {row['train/pref_accuracy']:.2f}")
-        line += f" | lr {lr:.2e} | grad {row['train/grad_norm']:.2f} | {row['train/tokens_per_s']:,.0f} tok/s"
-        line += f" | mem {row['train/memory_gb']:.1f} GB" if on_cuda else ""
-        line += f" | eta {eta:.0f}s"
-        if "eval/pref_accuracy" in row:
-            line += (f" || eval acc {row['eval/pref_accuracy']:.3f} | chosen {row['eval/chosen_logps']:.3f}"
-                     f" | rejected {row['eval/rejected_logps']:.3f}")
-        log(line)
-        if master:
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(row) + "\n")
+        report(row, eta=(time.time() - t_start) / (it - start_it) * (t["max_steps"] - it))
         sums, tokens, t0 = {}, 0, time.time()
     if master and t["save_every"] and it % t["save_every"] == 0 and it < t["max_steps"]:
         folder = os.path.join(run_dir, f"step_{it:06d}")

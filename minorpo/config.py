@@ -287,7 +287,7 @@ def load(path, overrides=()):
 
 def dump(cfg):
     """The resolved config as YAML text, keys in schema order."""
-    return yaml.safe_dump(cfg, sort_keys=False, default_flow_style=None)
+    return yaml.safe_dump(cfg, sort_keys=False, default_flow_style=False)
 
 
 def save(cfg, run_dir):

@@ -37,7 +37,8 @@ def orpo_run(tmp_path_factory):
 
 def test_orpo_run_lowers_loss_and_writes_outputs(orpo_run):
     out, stdout = orpo_run
-    rows = metrics(out / "orpo")
+    start, *rows = metrics(out / "orpo")
+    assert start["step"] == 0 and "eval/rejected_logps" in start and "train/total_loss" not in start
     assert [r["step"] for r in rows] == [5, 10, 15, 20, 25, 30, 35, 40]
     assert rows[-1]["train/total_loss"] < 0.6 * rows[0]["train/total_loss"]
     for key in ("train/sft_loss", "train/orpo_loss", "train/log_odds", "train/pref_accuracy", "train/chosen_logps",
@@ -129,3 +130,24 @@ def test_malformed_jsonl_names_file_and_line(tmp_path):
     p = train(tmp_path, "training.max_steps=1", f"data.path={bad}", check=False)
     assert p.returncode != 0 and f"{bad}:2" in p.stderr and "rejected" in p.stderr
     assert "Traceback" not in p.stderr
+
+
+def test_lora_orpo_on_a_tiny_qwen35_hybrid(tmp_path):
+    from minorpo import tiny
+    from minorpo.qwen35 import Qwen35, Qwen35Config
+    config = Qwen35Config(vocab_size=384, hidden_size=32, intermediate_size=48, num_hidden_layers=4,  # 3 DeltaNet
+                          num_attention_heads=4, num_key_value_heads=2, head_dim=16,  # + 1 gated attention
+                          linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=8,
+                          linear_value_head_dim=8, max_position_embeddings=256, tie_word_embeddings=True)
+    folder = tmp_path / "qwen35-tiny"
+    with checkpoint.atomic_folder(str(folder)) as tmp:
+        checkpoint.write_model(Qwen35(config, seed=0), tmp)
+        tiny.build_tokenizer().save(os.path.join(tmp, "tokenizer.json"))
+    train(tmp_path, f"model_name={folder}", "training.max_steps=15", "training.learning_rate=1e-2",
+          "training.phases=[{step: 0, trainable: [lora, attn_lora]}]", "lora.attn_targets=[q_proj, v_proj, in_proj_qkv]")
+    rows = metrics(tmp_path / "orpo")
+    assert rows[-1]["train/total_loss"] < rows[0]["train/total_loss"]
+    adapter = json.loads((tmp_path / "orpo" / "final" / "adapter" / "adapter_config.json").read_text())
+    assert adapter["target_modules"] == ["down_proj", "gate_proj", "in_proj_qkv", "q_proj", "up_proj", "v_proj"]
+    model = checkpoint.load_model(str(tmp_path / "orpo" / "final"))
+    assert isinstance(model, Qwen35) and len(model.generate([1, 2, 3], max_new_tokens=3)) == 3
