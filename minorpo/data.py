@@ -42,6 +42,7 @@ LAYOUTS = {
 EMPTY_LABELS = "with empty labels (response truncated to 0 tokens)"
 EMPTY_RESPONSE = "with an empty response"
 IDENTICAL = "with identical chosen and rejected"
+HH_TURN = re.compile(r"(?:^|\n\n)(Human|Assistant): ?")  # a turn of an HH string transcript
 
 
 class DataError(ValueError):
@@ -104,13 +105,24 @@ def _short(value):
     return text if len(text) <= 60 else text[:57] + "..."
 
 
+def _hh_turns(text):
+    """Anthropic HH's string transcripts ("\n\nHuman: ...\n\nAssistant: ...") as messages, else None, so
+    that a pair is split at its last turn boundary even when both answers begin with the same words."""
+    text = text.lstrip()
+    if not text.startswith("Human:") or "\n\nAssistant:" not in text:
+        return None
+    parts = HH_TURN.split(text)  # ['', 'Human', said, 'Assistant', said, ...]
+    return [{"role": "user" if who == "Human" else "assistant", "content": said}
+            for who, said in zip(parts[1::2], parts[2::2])]
+
+
 def _turns(row, key, where, expected, role):
     """row[key] as a list of {"role", "content"} messages; a string is one message with `role`."""
     if key not in row:
         raise DataError(f'{where}: missing field "{key}" ({expected})')
     value = row[key]
     if isinstance(value, str):
-        return [{"role": role, "content": value}]
+        return (role == "assistant" and _hh_turns(value)) or [{"role": role, "content": value}]
     if isinstance(value, list) and value and all(
             isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
             for m in value):

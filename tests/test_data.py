@@ -126,10 +126,16 @@ def test_empty_and_identical_answers_are_filtered(tok):
 
 
 def test_preference_takes_the_shared_beginning_of_strings(tok):
-    hh = {"chosen": "Human: hi there\n\nAssistant: Hello friend!",
-          "rejected": "Human: hi there\n\nAssistant: Go away."}
-    explicit = {"prompt": "Human: hi there\n\nAssistant:", "chosen": " Hello friend!", "rejected": " Go away."}
+    # HH's string transcripts split at the last turn boundary, even when both answers start alike
+    hh = {"chosen": "\n\nHuman: hi there\n\nAssistant: Hello friend!",
+          "rejected": "\n\nHuman: hi there\n\nAssistant: Hello, go away."}
+    explicit = {"prompt": "hi there", "chosen": "Hello friend!", "rejected": "Hello, go away."}
     assert make(tok, hh, task="preference") == make(tok, explicit)
+    turns = {"chosen": "Human: a\n\nAssistant: b\n\nHuman: hi there\n\nAssistant: Hello friend!",
+             "rejected": "Human: a\n\nAssistant: b\n\nHuman: hi there\n\nAssistant: Go away."}
+    messages = {"prompt": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
+                           {"role": "user", "content": "hi there"}], "chosen": "Hello friend!", "rejected": "Go away."}
+    assert make(tok, turns, task="preference") == make(tok, messages)
     mid_word = {"chosen": "The answer is four.", "rejected": "The answer is five."}  # shared prefix "...is f"
     explicit = {"prompt": "The answer is", "chosen": " four.", "rejected": " five."}
     assert make(tok, mid_word, task="preference")[0] == make(tok, explicit)[0]
