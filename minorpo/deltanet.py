@@ -153,7 +153,8 @@ class GatedDeltaNet(nn.Module):
         # g = log α = −exp(A_log) · softplus(a + dt_bias) ≤ 0: a per-head rate times a per-token step size
         log_decay = -self.A_log.float().exp() * F.softplus(self.in_proj_a(x).float() + self.dt_bias)  # (B, T, n_v)
         rule = recurrent_gated_delta_rule if T == 1 else chunked_gated_delta_rule
-        o, state = rule(q, k, v, log_decay.transpose(1, 2), beta, state)  # (B, n_v, T, d_v)
+        with torch.autocast(x.device.type, enabled=False):  # fp32 even under bf16 autocast (Decisions)
+            o, state = rule(q, k, v, log_decay.transpose(1, 2), beta, state)  # (B, n_v, T, d_v)
         if cache is not None:
             cache.conv_states[self.layer_idx] = window[:, :, -(self.kernel_size - 1):]
             cache.recurrent_states[self.layer_idx] = state
