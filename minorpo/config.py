@@ -31,7 +31,6 @@ GROUPS = ("lora", "attn_lora", "embed", "norm", "head", "all")
 OPT_STR = "string or null"
 STR_LIST = "list of strings"
 PHASES = "list of {step, trainable}"
-POS = "positive number"
 
 SCHEMA = {
     "run_name": (str, "orpo"),
@@ -110,11 +109,21 @@ def _unknown(key, where):
     return ConfigError(f"{where}: unknown config key `{key}`;{hint}")
 
 
+TYPE_CHECKS = {  # spec: (test, what the error message expects)
+    int: (lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer"),
+    bool: (lambda v: isinstance(v, bool), "true or false"),
+    str: (lambda v: isinstance(v, str), "a string"),
+    OPT_STR: (lambda v: v is None or isinstance(v, str), "a string or null"),
+    STR_LIST: (lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v),
+               "a list of strings, e.g. [q_proj, v_proj]"),
+}
+
+
 def _coerce(key, value, spec, where):
     """Return value converted to spec, or raise a ConfigError naming key, expected type and value."""
     def bad(expected):
         return ConfigError(f"{where}: `{key}` must be {expected}, got {value!r}")
-    if spec is float or spec == POS:
+    if spec is float:
         if isinstance(value, str):  # YAML 1.1 reads `1e-4` as a string
             try:
                 value = float(value)
@@ -125,33 +134,16 @@ def _coerce(key, value, spec, where):
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise bad("a number")
         return float(value)
-    if spec is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise bad("an integer")
-        return value
-    if spec is bool:
-        if not isinstance(value, bool):
-            raise bad("true or false")
-        return value
-    if spec is str:
-        if not isinstance(value, str):
-            raise bad("a string")
-        return value
-    if spec == OPT_STR:
-        if value is not None and not isinstance(value, str):
-            raise bad("a string or null")
-        return value
-    if spec == STR_LIST:
-        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            raise bad("a list of strings, e.g. [q_proj, v_proj]")
-        return value
     if spec == PHASES:
         return _phases(key, value, where)
     if isinstance(spec, tuple):
         if value not in spec:
             raise bad("one of " + " | ".join(spec))
         return value
-    raise AssertionError(f"bad spec for {key}")
+    test, expected = TYPE_CHECKS[spec]
+    if not test(value):
+        raise bad(expected)
+    return value
 
 
 def _phases(key, value, where):
@@ -209,8 +201,22 @@ def set_value(cfg, assignment, where="command line"):
     node[leaf] = _coerce(key, value, schema[leaf][0], where)
 
 
+# The range of each number: (key, comparison, bound).
+RANGES = [(k, ">=", 1) for k in ("data.max_length", "data.max_prompt_length", "training.max_steps",
+                                  "training.batch_size", "training.grad_accum_steps", "training.log_every",
+                                  "training.max_bad_steps", "loss.head_chunk_size", "lora.rank",
+                                  "sample.max_new_tokens")]
+RANGES += [(k, ">=", 0) for k in ("training.warmup_steps", "training.eval_every", "training.save_every",
+                                  "training.weight_decay", "training.max_grad_norm", "training.min_lr_ratio",
+                                  "lora.start_layer", "lora.num_layers", "lora.dropout", "data.eval_fraction",
+                                  "sample.temperature")]
+RANGES += [(k, ">", 0) for k in ("training.learning_rate", "lora.alpha")]
+RANGES += [(k, "<", 1) for k in ("lora.dropout", "data.eval_fraction")] + [("training.min_lr_ratio", "<=", 1)]
+BOUND_TESTS = {">=": lambda v, b: v >= b, ">": lambda v, b: v > b, "<": lambda v, b: v < b, "<=": lambda v, b: v <= b}
+
+
 def validate(cfg, where="config"):
-    """Checks that involve more than one key."""
+    """The range of every number, and the checks that involve more than one key."""
     t, d = cfg["training"], cfg["data"]
     if t["type"] == "orpo":
         lam = t["orpo_lambda"]
@@ -224,18 +230,14 @@ def validate(cfg, where="config"):
                               "set data.task=prompted_preference or data.task=preference")
     if t["type"] == "sft" and d["task"] != "sft":
         raise ConfigError(f"{where}: training.type: sft needs data.task=sft (got {d['task']})")
-    for key in ("data.max_length", "data.max_prompt_length", "training.max_steps", "training.batch_size",
-                "training.grad_accum_steps", "loss.head_chunk_size", "lora.rank", "training.log_every"):
+    for key, op, bound in RANGES:
         section, leaf = key.split(".")
-        if cfg[section][leaf] < 1:
-            raise ConfigError(f"{where}: `{key}` must be at least 1, got {cfg[section][leaf]}")
+        value = cfg[section][leaf]
+        if value is not None and not BOUND_TESTS[op](value, bound):
+            raise ConfigError(f"{where}: `{key}` must be {op} {bound}, got {value}")
     if d["max_prompt_length"] >= d["max_length"]:
         raise ConfigError(f"{where}: `data.max_prompt_length` ({d['max_prompt_length']}) must be smaller "
                           f"than `data.max_length` ({d['max_length']}) to leave room for the response")
-    if not 0.0 <= d["eval_fraction"] < 1.0:
-        raise ConfigError(f"{where}: `data.eval_fraction` must be in [0, 1), got {d['eval_fraction']}")
-    if not t["learning_rate"] > 0:
-        raise ConfigError(f"{where}: `training.learning_rate` must be positive, got {t['learning_rate']}")
     return cfg
 
 

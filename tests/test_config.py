@@ -1,6 +1,7 @@
 """Config: presets load, overrides reach every depth, values parse as YAML, mistakes are named."""
 import glob
 import os
+import re
 
 import pytest
 import yaml
@@ -135,6 +136,19 @@ def test_resolved_config_saved_and_reloads_identically(tmp_path):
     path = config.save(cfg, str(tmp_path / "run"))
     assert config.load(path) == cfg
     assert "orpo_lambda: 0.2" in open(path).read()
+
+
+@pytest.mark.parametrize("override,message", [
+    ("training.weight_decay=-0.1", "`training.weight_decay` must be >= 0, got -0.1"),
+    ("lora.dropout=1", "`lora.dropout` must be < 1, got 1.0"),
+    ("lora.alpha=0", "`lora.alpha` must be > 0, got 0.0"),
+    ("training.min_lr_ratio=2", "`training.min_lr_ratio` must be <= 1, got 2.0"),
+    ("training.batch_size=0", "`training.batch_size` must be >= 1, got 0"),
+    ("data.eval_fraction=1", "`data.eval_fraction` must be < 1, got 1.0"),
+])
+def test_numbers_out_of_range_are_named(override, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        config.load(ORPO, [override])
 
 
 def test_cross_key_checks():
