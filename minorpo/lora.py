@@ -205,6 +205,10 @@ def load_adapter(model, folder):
                                     "adapter_model.safetensors")
     with open(cfg_path) as f:
         cfg = json.load(f)
+    unsupported = [k for k in ("use_rslora", "use_dora", "rank_pattern", "alpha_pattern") if cfg.get(k)]
+    if cfg.get("peft_type", "LORA") != "LORA" or unsupported:
+        raise ValueError(f"{cfg_path}: {cfg.get('peft_type')} {', '.join(unsupported)} is not supported; "
+                         "minorpo loads plain LoRA adapters (one r and lora_alpha for every layer)")
     tensors = load_file(w_path)
     names = sorted({k[len(PEFT_PREFIX):].rsplit(".lora_", 1)[0] for k in tensors})
     for name in names:
