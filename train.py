@@ -10,6 +10,7 @@ Data parallel: torchrun --nproc_per_node=N train.py presets/orpo.yml ...
 pairs per optimizer step = training.batch_size x training.grad_accum_steps x N.
 """
 import contextlib
+import datetime
 import json
 import math
 import os
@@ -37,8 +38,11 @@ run_dir = os.path.join(cfg["output_dir"], cfg["run_name"])
 # 2. processes, device and precision, decided once
 ddp = "RANK" in os.environ  # launched by torchrun
 on_cuda = cfg["device"] == "cuda" or (cfg["device"] == "auto" and torch.cuda.is_available())
+if on_cuda and not torch.cuda.is_available():
+    sys.exit("config error: device=cuda but torch sees no CUDA GPU; use device=auto or device=cpu")
 if ddp:
-    dist.init_process_group("nccl" if on_cuda else "gloo")
+    # rank 0 alone writes checkpoints while the others wait at the next collective: allow for big ones
+    dist.init_process_group("nccl" if on_cuda else "gloo", timeout=datetime.timedelta(hours=1))
     rank, world = dist.get_rank(), dist.get_world_size()
     device = f"cuda:{os.environ['LOCAL_RANK']}" if on_cuda else "cpu"
     if on_cuda:
@@ -46,11 +50,13 @@ if ddp:
 else:
     rank, world, device = 0, 1, "cuda" if on_cuda else "cpu"
 master = rank == 0  # only rank 0 logs, evaluates and writes files
-log = print if master else (lambda *args, **kwargs: None)
-torch.manual_seed(cfg["seed"])
+log = (lambda *args, **kwargs: print(*args, **kwargs, flush=True)) if master else (lambda *args, **kwargs: None)
+torch.manual_seed(cfg["seed"])  # the loop reseeds every step from (seed, step, rank): see state.py
 # CUDA: frozen weights bf16, trained weights fp32 (AdamW state too), bf16 autocast. CPU: fp32 throughout.
 # The loss maths is fp32 either way (minorpo/loss.py).
 base_dtype = torch.bfloat16 if on_cuda else torch.float32
+ever_trained = sorted({g for phase in t["phases"] for g in phase["trainable"]})
+load_dtype = torch.float32 if "all" in ever_trained else base_dtype  # full fine-tuning: fp32 masters from disk
 autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if on_cuda else contextlib.nullcontext
 log(f"[config]\n{config.dump(cfg)}", end="")
 if master:
@@ -79,8 +85,8 @@ try:
               max_prompt_length=d["max_prompt_length"])
     train_set, report = data.make_examples(train_rows, tokenizer, d["task"], source=data_path, **kw)
     # An SFT run on preference rows still evaluates the pairs, to watch the rejected answers (paper, Fig. 7).
-    eval_task = "prompted_preference" if d["task"] == "sft" and eval_rows and "rejected" in eval_rows[0][1] \
-        else d["task"]
+    pairs = eval_rows and any(k in eval_rows[0][1] for k in ("rejected", "rejected_input_ids"))
+    eval_task = "prompted_preference" if d["task"] == "sft" and pairs else d["task"]
     eval_set, eval_report = data.make_examples(eval_rows, tokenizer, eval_task, source=d["eval_path"] or
                                                f"{data_path} (held out)", **kw) if eval_rows else ([], [])
     stop_ids, pad_id = data.stop_and_pad_ids(tokenizer, d["template"])
@@ -92,10 +98,16 @@ log(batches.show_example(train_set[0], tokenizer))
 
 # 4. model: the base weights strictly, then LoRA wrappers if a phase trains a LoRA group
 try:
-    model = checkpoint.load_model(model_dir, dtype=base_dtype, device=device)
+    model = checkpoint.load_model(model_dir, dtype=load_dtype, device=device)
 except checkpoint.CheckpointError as e:
     sys.exit(f"error: {e}")
-ever_trained = sorted({g for phase in t["phases"] for g in phase["trainable"]})
+mc = model.config
+if d["max_length"] > mc.max_position_embeddings:
+    sys.exit(f"config error: data.max_length={d['max_length']} is longer than the model's context "
+             f"({mc.max_position_embeddings} positions in {model_dir}/config.json); lower data.max_length")
+if tokenizer.get_vocab_size() > mc.vocab_size:
+    sys.exit(f"error: {model_dir}/tokenizer.json has {tokenizer.get_vocab_size()} tokens but the model only "
+             f"{mc.vocab_size} embeddings; the tokenizer belongs to another model")
 if {"lora", "attn_lora"} & set(ever_trained):
     try:
         lora.inject_lora(model, lc["rank"], lc["alpha"], lc["dropout"],
@@ -137,9 +149,17 @@ def get_lr(it):
 
 
 # 7. batches: a global micro-batch holds batch_size * world pairs; each rank collates its own slice
-lengths = [batches.example_length(ex) for ex in train_set]
+lengths = [batches.example_length(ex) for ex in train_set]  # a pair's longer row: sets the padded length
+real_tokens = [sum(len(ids) for ids, _ in batches.rows_of(ex)) for ex in train_set]  # all its rows
 eval_batches = [batches.collate(eval_set[i:i + t["batch_size"]], pad_id)
                 for i in range(0, len(eval_set), t["batch_size"])]
+
+
+def batch_order(epoch):
+    """The global micro-batches of an epoch; under DDP, a last batch too small to give every rank a pair
+    is dropped (a rank with nothing to do could not join the gradient all-reduce)."""
+    order = batches.batch_order(lengths, t["batch_size"] * world, cfg["seed"], epoch, d["group_by_length"])
+    return [idx for idx in order if len(idx) >= world]
 
 
 def prompt_of(ex):
@@ -152,9 +172,11 @@ def show_samples(title):
               [prompt_of(ex) for ex in eval_set[:3]]
     log(f"[sample] {title}")
     model.eval()
+    room = max(1, mc.max_position_embeddings - cfg["sample"]["max_new_tokens"])  # keep the prompt's end
     for ids in prompts:
-        new = model.generate(ids, cfg["sample"]["max_new_tokens"], stop_ids=stop_ids,
-                             temperature=cfg["sample"]["temperature"], generator=torch.Generator().manual_seed(0))
+        with autocast():  # on CUDA, trained weights (fp32) and frozen ones (bf16) meet here
+            new = model.generate(ids[-room:], cfg["sample"]["max_new_tokens"], stop_ids=stop_ids,
+                                 temperature=cfg["sample"]["temperature"], generator=torch.Generator().manual_seed(0))
         log(f"  {tokenizer.decode(ids)!r} -> {tokenizer.decode(new)!r}")
     model.train()
 
@@ -188,24 +210,31 @@ def report(row, eta=None):
 
 
 # 8. resume, then the loop
+metrics_path = os.path.join(run_dir, "metrics.jsonl")
+position_depends_on = {"seed": cfg["seed"], "batch_size": t["batch_size"], "grad_accum_steps": t["grad_accum_steps"],
+                       "world_size": world, "train_examples": len(train_set), "group_by_length": d["group_by_length"]}
 it, epoch, position, skipped, bad_in_row = 0, 0, 0, 0, 0
 if t["resume_from"]:
     try:
-        meta = state.load(t["resume_from"], model, optimizer, names)
+        meta = state.load(t["resume_from"], model, optimizer, names, position_depends_on)
     except (OSError, ValueError) as e:
         sys.exit(f"error: {e}")
     it, epoch, position, skipped = meta["step"], meta["epoch"], meta["position"], meta["skipped"]
     log(f"[resume] {t['resume_from']}: continuing at step {it}")
+if master and os.path.isfile(metrics_path):  # a rerun starts a new log; a resumed run keeps the rows up to it
+    with open(metrics_path) as f:
+        kept = [line for line in f if t["resume_from"] and json.loads(line)["step"] <= it]
+    with open(metrics_path, "w") as f:
+        f.writelines(kept)
 phase = lora.phase_at(t["phases"], it)
 n_train, n_total = lora.set_trainable(model, phase)
 log(f"[model] {model_dir}: training {phase}: {n_train:,} of {n_total:,} parameters "
     f"({100 * n_train / n_total:.2f}%)")
-metrics_path = os.path.join(run_dir, "metrics.jsonl")
 if master and it == 0 and eval_set:
     show_samples("before training")
     if t["eval_every"]:  # the starting point of the eval curves
         report({"step": 0, **run_eval()})
-order = batches.batch_order(lengths, t["batch_size"] * world, cfg["seed"], epoch, d["group_by_length"])
+order = batch_order(epoch)
 sums, tokens, t0, t_start, start_it = {}, 0, time.time(), time.time(), it
 while it < t["max_steps"]:
     if lora.phase_at(t["phases"], it) != phase:  # a new phase: switch the trainable groups
@@ -214,10 +243,11 @@ while it < t["max_steps"]:
         log(f"[phase] step {it}: training {phase}: {n_train:,} of {n_total:,} parameters")
     if position + t["grad_accum_steps"] > len(order):  # a new epoch: a new shuffle of the batches
         epoch, position = epoch + 1, 0
-        order = batches.batch_order(lengths, t["batch_size"] * world, cfg["seed"], epoch, d["group_by_length"])
+        order = batch_order(epoch)
     step_idx = order[position:position + t["grad_accum_steps"]]
     micro = [batches.collate([train_set[j] for j in idx[rank::world]], pad_id) for idx in step_idx]
     position += t["grad_accum_steps"]
+    torch.manual_seed(cfg["seed"] * 1_000_003 + it * 1009 + rank)  # dropout masks: a function of (seed, step, rank)
     lr = get_lr(it)
     for group in optimizer.param_groups:
         group["lr"] = lr
@@ -234,7 +264,7 @@ while it < t["max_steps"]:
         bad_in_row = 0
         for k, v in {**m, "steps": 1}.items():  # averaged over the steps since the last log line
             sums[k] = sums.get(k, 0.0) + v
-        tokens += sum(lengths[j] for idx in step_idx for j in idx[rank::world])  # this rank's real tokens
+        tokens += sum(real_tokens[j] for idx in step_idx for j in idx[rank::world])  # this rank's real tokens
     do_eval = bool(eval_set) and (it == t["max_steps"] or (t["eval_every"] and it % t["eval_every"] == 0))
     if (it % t["log_every"] == 0 or it == t["max_steps"] or do_eval) and sums:
         n, dt = sums.pop("steps"), time.time() - t0
@@ -251,8 +281,8 @@ while it < t["max_steps"]:
         sums, tokens, t0 = {}, 0, time.time()
     if master and t["save_every"] and it % t["save_every"] == 0 and it < t["max_steps"]:
         folder = os.path.join(run_dir, f"step_{it:06d}")
-        state.save(folder, model, optimizer, names, {"step": it, "epoch": epoch, "position": position,
-                                                     "skipped": skipped})
+        state.save(folder, model, optimizer, names,
+                   {**position_depends_on, "step": it, "epoch": epoch, "position": position, "skipped": skipped})
         log(f"[save] {folder} (resume with training.resume_from={folder})")
 
 # 9. final outputs: the adapter alone (PEFT's layout) and the merged model, a complete checkpoint folder
@@ -263,7 +293,7 @@ if master:
         if lora.lora_layers(model):
             lora.save_adapter(model, os.path.join(tmp, "adapter"), base_model_name=cfg["model_name"])
             lora.merge_lora(model)
-        checkpoint.write_model(model, tmp, tokenizer_from=model_dir)
+        checkpoint.write_model(model, tmp, tokenizer_from=model_dir, dtype=base_dtype)  # bf16 on CUDA
     log(f"[save] {final}: the trained model{' (LoRA merged; adapter in final/adapter)' if 'adapter' in os.listdir(final) else ''}"
         f"; chain it with model_name={final}")
 if ddp:

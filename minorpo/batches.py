@@ -99,9 +99,10 @@ def write_examples(examples, path):
 
 
 def split_examples(examples, eval_fraction, seed):
-    """(train, held_out) by a seeded permutation: round(n * eval_fraction) examples are held out, at least
+    """(train, held_out) by a seeded permutation: round(n * eval_fraction) items are held out, at least
     one when eval_fraction > 0, and at least one is left to train on. Both keep the file order.
-    (With data.eval_path, train.py loads that file with data.load_examples instead.)"""
+    train.py splits the rows before tokenizing (so filtering cannot shift the held-out set); with
+    data.eval_path it reads the held-out rows from that file instead."""
     n = len(examples)
     n_eval = max(0, min(max(round(n * eval_fraction), int(eval_fraction > 0)), n - 1))
     held_out = set(random.Random(f"split-{seed}").sample(range(n), n_eval))

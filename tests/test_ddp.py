@@ -27,6 +27,11 @@ def weights(folder):
     return load_file(os.path.join(folder, "final", "model.safetensors"))
 
 
+def train_rows(run_dir, every=False):
+    rows = [json.loads(r) for r in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return rows if every else [r for r in rows if "train/tokens" in r]
+
+
 def assert_close(a, b, atol=1e-5):
     assert a.keys() == b.keys()
     for k in a:
@@ -38,13 +43,15 @@ def test_two_processes_equal_one_with_the_same_global_batch(tmp_path):
     stdout = run(tmp_path, 2, "training.batch_size=4", "run_name=ddp")
     assert_close(weights(tmp_path / "single"), weights(tmp_path / "ddp"))
     # each rank took its own half of every batch: together they saw exactly the single run's tokens
-    single = [json.loads(r) for r in (tmp_path / "single" / "metrics.jsonl").read_text().splitlines()]
-    ddp = [json.loads(r) for r in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()]
+    single, ddp = train_rows(tmp_path / "single"), train_rows(tmp_path / "ddp")
     assert [r["train/tokens"] for r in ddp] == [r["train/tokens"] for r in single]
     assert all(r["train/tokens"] > 0 for r in ddp)
+    for a, b in zip(single, ddp):  # metrics are summed over ranks: the same numbers
+        assert abs(a["train/total_loss"] - b["train/total_loss"]) < 1e-5
     # only rank 0 logs and writes: one log line and one metrics row per step, one final folder
     assert stdout.count("step     3 |") == 1
     assert len(ddp) == 4
+    assert len(train_rows(tmp_path / "ddp", every=True)) == 5  # plus the step-0 evaluation
     assert sorted(os.listdir(tmp_path / "ddp")) == ["config.yml", "final", "metrics.jsonl"]
 
 
@@ -54,3 +61,12 @@ def test_resumed_two_process_run_continues_exactly(tmp_path):
                  f"training.resume_from={tmp_path / 'through' / 'step_000002'}")
     assert "continuing at step 2" in stdout
     assert_close(weights(tmp_path / "through"), weights(tmp_path / "resumed"), atol=0)
+
+
+def test_a_last_batch_smaller_than_the_ranks_is_dropped(tmp_path):
+    from minorpo import tiny
+    # 13 pairs in global batches of 2 x 2 ranks: the last batch holds 1 pair, too few for 2 ranks
+    path = tiny.write_pairs(str(tmp_path / "pairs.jsonl"), n=13)
+    run(tmp_path, 2, f"data.path={path}", "data.eval_fraction=0", "training.batch_size=2",
+        "training.grad_accum_steps=1", "training.max_steps=8", "run_name=short")  # over 2 epochs
+    assert [r["train/tokens"] > 0 for r in train_rows(tmp_path / "short")] == [True] * 8
