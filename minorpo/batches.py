@@ -21,11 +21,12 @@ Decisions:
 """
 import itertools
 import json
-import os
 import random
 import sys
 
 import torch
+
+from minorpo.files import atomic_write
 
 IGNORE_INDEX = -100  # the label of a token that is not trained (prompt, padding): the loss skips it
 PAIR_KEYS = ("chosen_input_ids", "chosen_labels", "rejected_input_ids", "rejected_labels")
@@ -92,10 +93,7 @@ def make_example(prompt, answers):
 
 def write_examples(examples, path):
     """Write examples as processed-format JSONL, one example a line; atomic (temporary name, then rename)."""
-    with open(path + ".tmp", "w") as f:
-        for example in examples:
-            f.write(json.dumps(example) + "\n")
-    os.replace(path + ".tmp", path)
+    atomic_write(path, "".join(json.dumps(example) + "\n" for example in examples))
 
 
 def split_examples(examples, eval_fraction, seed):

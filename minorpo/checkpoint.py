@@ -24,26 +24,23 @@ Decisions:
   text-only (qwen3_5_text, keys model.*), as transformers' Qwen3_5ForCausalLM saves it.
 - config.json is read in both spellings found in the wild, transformers 4 (`rope_theta`, `torch_dtype`)
   and transformers 5 (`rope_parameters.rope_theta`, `dtype`), and written with both, so either reads it.
-- Writes are atomic: a checkpoint is written into a temporary sibling folder that is renamed into place
-  when complete, so a crash never leaves a half-written checkpoint under the final name.
+- Writes are atomic (files.atomic_folder): a checkpoint is written into a temporary sibling folder that
+  is renamed into place when complete, so a crash never leaves a half-written checkpoint.
 - No huggingface_hub dependency: a Hub id is looked up in the local cache only, and the error says how
   to download it.
-- safetensors files are written by save_safetensors below, because safetensors.torch.save_file imports
+- safetensors files are written by files.save_safetensors, because safetensors.torch.save_file imports
   numpy, which minorpo does not depend on. Reading uses the safetensors library (no numpy needed).
 """
-import contextlib
-import ctypes
 import dataclasses
 import json
 import os
 import re
 import shutil
-import struct
-import uuid
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
+from minorpo.files import atomic_folder, save_safetensors
 from minorpo.model import ModelConfig, Qwen
 from minorpo.qwen35 import Qwen35, Qwen35Config
 
@@ -57,8 +54,6 @@ MODELS = {"qwen2": (ModelConfig, Qwen, "Qwen2ForCausalLM"), "qwen3": (ModelConfi
 VISION_LANGUAGE = {"qwen3_5": "qwen3_5_text"}  # a vision-language model_type -> its text model's
 TEXT_PREFIX, UNUSED_PREFIXES = "model.language_model.", ("model.visual.", "mtp.")  # in a qwen3_5 checkpoint
 DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
-SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.int64: "I64",
-                      torch.int32: "I32", torch.uint8: "U8", torch.bool: "BOOL"}
 REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
 
 
@@ -95,24 +90,6 @@ def resolve(model_name):
     raise CheckpointError(f"{model_name}: not a folder, and not in the Hugging Face cache ({repo}); download "
                           f"it with `huggingface-cli download {model_name}` (or `hf download {model_name}`), "
                           "or set HF_HOME / HF_HUB_CACHE to the cache that holds it")
-
-
-def save_safetensors(tensors, path, metadata=None):
-    """Write {name: tensor} to a .safetensors file: an 8-byte little-endian header length, a JSON header
-    {name: {dtype, shape, data_offsets}}, then every tensor's raw little-endian bytes back to back."""
-    tensors = {name: t.detach().cpu().contiguous() for name, t in tensors.items()}
-    header, offset = {"__metadata__": metadata or {}}, 0
-    for name, t in tensors.items():
-        nbytes = t.numel() * t.element_size()
-        header[name] = {"dtype": SAFETENSORS_DTYPES[t.dtype], "shape": list(t.shape),
-                        "data_offsets": [offset, offset + nbytes]}
-        offset += nbytes
-    header_bytes = json.dumps(header).encode()
-    header_bytes += b" " * (-len(header_bytes) % 8)  # the format pads the header to 8-byte alignment
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(header_bytes)) + header_bytes)
-        for t in tensors.values():
-            f.write(ctypes.string_at(t.data_ptr(), t.numel() * t.element_size()))  # a copy of the raw bytes
 
 
 def load_model_config(folder):
@@ -160,12 +137,23 @@ def load_model_config(folder):
         raise CheckpointError(f"{path}: {e}") from None
 
 
+def _open(path):
+    try:
+        return safe_open(path, framework="pt")
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({e}); download or save it again") from None
+
+
 def weight_files(folder):
     """The safetensors files of the checkpoint in folder: one, or the shards its index lists."""
     index = os.path.join(folder, INDEX)
     if os.path.isfile(index):
-        with open(index) as f:
-            shards = sorted(set(json.load(f)["weight_map"].values()))
+        try:
+            with open(index) as f:
+                shards = sorted(set(json.load(f)["weight_map"].values()))
+        except (json.JSONDecodeError, KeyError, AttributeError, TypeError) as e:
+            raise CheckpointError(f"{index}: not a valid index ({e!r}); it maps tensor names to shard files "
+                                  'under "weight_map"') from None
         for shard in shards:
             if not os.path.isfile(os.path.join(folder, shard)):
                 raise CheckpointError(f"{index}: shard {shard} is missing; download the checkpoint again")
@@ -217,7 +205,7 @@ def load_model(folder_or_name, dtype=torch.float32, device="cpu"):
     files = weight_files(folder)
     found, file_of = {}, {}
     for path in files:
-        with safe_open(path, framework="pt") as f:
+        with _open(path) as f:
             for name in f.keys():
                 key = model_key(name, cfg)
                 if key is not None:
@@ -231,7 +219,7 @@ def load_model(folder_or_name, dtype=torch.float32, device="cpu"):
         model = MODELS[cfg.model_type][1](cfg)  # shapes only: no memory, no random initialisation
     state = {}
     for path in files:
-        with safe_open(path, framework="pt") as f:
+        with _open(path) as f:
             for name in f.keys():
                 key = model_key(name, cfg)
                 if key in found and file_of[key] == path:
@@ -260,29 +248,6 @@ def save_config_json(cfg, folder, dtype=torch.bfloat16):
     raw = {key: value for key, value in raw.items() if value is not None}
     with open(os.path.join(folder, CONFIG), "w") as f:
         json.dump(raw, f, indent=2, sort_keys=True)
-
-
-@contextlib.contextmanager
-def atomic_folder(path):
-    """Yield a temporary sibling folder to write into; on success it replaces `path`, on error it is removed.
-
-    The replacement is two renames (the old folder aside, the new one in), so the old checkpoint stays
-    complete until the new one is; a crash between them leaves it as a .old folder next to `path`."""
-    path = os.path.abspath(path)
-    stem = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{uuid.uuid4().hex[:8]}")
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    os.mkdir(stem + ".tmp")
-    try:
-        yield stem + ".tmp"
-    except BaseException:
-        shutil.rmtree(stem + ".tmp", ignore_errors=True)
-        raise
-    if os.path.exists(path):
-        os.rename(path, stem + ".old")
-        os.rename(stem + ".tmp", path)
-        shutil.rmtree(stem + ".old")
-    else:
-        os.rename(stem + ".tmp", path)
 
 
 def save_model(model, folder, tokenizer_from=None, dtype=None):

@@ -19,6 +19,8 @@ import os
 
 import yaml
 
+from minorpo.files import atomic_write
+
 
 class ConfigError(ValueError):
     """A problem with a preset or an override; the message names the key and the fix."""
@@ -294,10 +296,7 @@ def dump(cfg):
 
 def save(cfg, run_dir):
     """Write the resolved config to run_dir/config.yml (atomically) and return the path."""
-    os.makedirs(run_dir, exist_ok=True)
     path = os.path.join(run_dir, "config.yml")
-    with open(path + ".tmp", "w") as f:
-        f.write(dump(cfg))
-    os.replace(path + ".tmp", path)
+    atomic_write(path, dump(cfg))
     return path
 

@@ -29,8 +29,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from minorpo.checkpoint import save_safetensors
 from minorpo.config import GROUPS
+from minorpo.files import save_safetensors
 
 ATTENTION_BLOCKS = ("self_attn", "linear_attn")  # module names that hold token-mixer (attention) projections
 PEFT_PREFIX = "base_model.model."
@@ -97,9 +97,9 @@ def inject_lora(model, rank, alpha, dropout=0.0, targets=(), attn_targets=(), st
         if kw not in wanted:
             continue
         if wanted[kw] != _group_of(name):
-            where = "lora.attn_targets" if _group_of(name) == "attn_lora" else "lora.targets"
-            raise ValueError(f"LoRA target `{kw}` ({name}) is {'an attention' if where.endswith('attn_targets') else 'an FFN'} "
-                             f"projection: list it under {where}")
+            attention = _group_of(name) == "attn_lora"
+            kind, where = ("an attention", "lora.attn_targets") if attention else ("an FFN", "lora.targets")
+            raise ValueError(f"LoRA target `{kw}` ({name}) is {kind} projection: list it under {where}")
         found.add(kw)
         i = _layer_index(name)
         if i is None or i < start_layer or (num_layers and i >= start_layer + num_layers):

@@ -22,13 +22,13 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from minorpo.checkpoint import atomic_folder, save_safetensors
+from minorpo.files import atomic_folder, save_safetensors
 
 FILES = ("state.json", "weights.safetensors", "optimizer.safetensors")
 
 
 def save(folder, model, optimizer, names, meta):
-    """Save the parameters `names` (model parameter names, in the order the optimizer holds them), the
+    """Save the parameters `names` (model parameter names: what the run trains), the
     optimizer state, and the JSON-able `meta` (step, data position, ...)."""
     params = dict(model.named_parameters())
     with atomic_folder(folder) as tmp:

@@ -17,6 +17,8 @@ import random
 
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from minorpo.files import atomic_write
+
 WORDS = ("red blue green black white pink gray gold cat dog fox owl bee cow pig hen ant elk "
          "apple pear fig plum lime kiwi oak elm ash fir").split()
 DIGITS = [str(d) for d in range(10)]
@@ -46,11 +48,7 @@ def make_pairs(n, seed=0):
 
 def write_pairs(path, n=2000, seed=0):
     """Write n synthetic pairs as JSONL (atomically) and return the path."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    with open(path + ".tmp", "w") as f:
-        for row in make_pairs(n, seed):
-            f.write(json.dumps(row) + "\n")
-    os.replace(path + ".tmp", path)
+    atomic_write(path, "".join(json.dumps(row) + "\n" for row in make_pairs(n, seed)))
     return path
 
 
@@ -80,7 +78,8 @@ def ensure_model(folder, build=True, seed=0):
     """Build the tiny model folder once (random weights, the tokenizer above) and return its path.
     Only the process with build=True writes (rank 0 under torchrun)."""
     if build and not os.path.isfile(os.path.join(folder, "config.json")):
-        from minorpo.checkpoint import atomic_folder, write_model
+        from minorpo.checkpoint import write_model
+        from minorpo.files import atomic_folder
         from minorpo.model import ModelConfig, Qwen
         with atomic_folder(folder) as tmp:
             write_model(Qwen(ModelConfig(**TINY_MODEL), seed=seed), tmp)

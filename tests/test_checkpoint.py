@@ -8,8 +8,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from minorpo.checkpoint import (CheckpointError, atomic_folder, load_model, load_model_config, resolve,
-                                save_model, save_safetensors)
+from minorpo.checkpoint import CheckpointError, load_model, load_model_config, resolve, save_model
+from minorpo.files import atomic_folder, save_safetensors
 from minorpo.model import ModelConfig, Qwen
 
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
@@ -153,6 +153,22 @@ def test_missing_shard(tmp_path):
     os.remove(os.path.join(folder, "model-00002-of-00003.safetensors"))
     with pytest.raises(CheckpointError, match=r"index.json: shard model-00002-of-00003.safetensors is missing"):
         load_model(folder)
+
+
+def test_damaged_weights_and_index_are_named(tmp_path):
+    folder = copy_fixture(tmp_path)
+    path = os.path.join(folder, "model.safetensors")
+    with open(path, "rb") as f:
+        data = f.read()
+    with open(path, "wb") as f:
+        f.write(data[:len(data) // 2])  # a download cut short
+    with pytest.raises(CheckpointError, match=r"model.safetensors: not a readable safetensors file"):
+        load_model(folder)
+    sharded = copy_fixture(tmp_path, QWEN3)
+    with open(os.path.join(sharded, "model.safetensors.index.json"), "w") as f:
+        f.write('{"metadata": {}}')
+    with pytest.raises(CheckpointError, match=r"index.json: not a valid index"):
+        load_model(sharded)
 
 
 def test_missing_tensor(tmp_path):

@@ -1,0 +1,80 @@
+"""Files written so that a crash never leaves half of one: atomic writes, and safetensors without NumPy.
+
+    with atomic_folder("outputs/run/final") as tmp:   # write into tmp; it replaces the folder on success
+        save_safetensors({"w": tensor}, os.path.join(tmp, "model.safetensors"))
+    atomic_write("outputs/run/config.yml", text)
+
+Decisions:
+- A file or folder is written under a temporary sibling name and renamed into place when complete
+  (a rename within one file system is atomic), so a reader sees the old version or the new one, never
+  a partial one. A crash while writing leaves only a temporary name behind.
+- safetensors (github.com/huggingface/safetensors) is an 8-byte little-endian header length, a JSON
+  header {name: {dtype, shape, data_offsets}}, then the tensors' raw bytes. It is written here because
+  safetensors.torch.save_file imports NumPy, which minorpo does not depend on.
+"""
+import contextlib
+import ctypes
+import json
+import os
+import shutil
+import struct
+import uuid
+
+import torch
+
+SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.int64: "I64",
+                      torch.int32: "I32", torch.uint8: "U8", torch.bool: "BOOL"}
+
+
+@contextlib.contextmanager
+def atomic_folder(path):
+    """Yield a temporary sibling folder to write into; on success it replaces `path`, on error it is removed.
+
+    The replacement is two renames (the old folder aside, the new one in), so the old checkpoint stays
+    complete until the new one is; a crash between them leaves it as a .old folder next to `path`."""
+    path = os.path.abspath(path)
+    stem = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{uuid.uuid4().hex[:8]}")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    os.mkdir(stem + ".tmp")
+    try:
+        yield stem + ".tmp"
+    except BaseException:
+        shutil.rmtree(stem + ".tmp", ignore_errors=True)
+        raise
+    if os.path.exists(path):
+        os.rename(path, stem + ".old")
+        os.rename(stem + ".tmp", path)
+        shutil.rmtree(stem + ".old")
+    else:
+        os.rename(stem + ".tmp", path)
+
+
+def atomic_write(path, text):
+    """Write text to path through a temporary sibling file and a rename."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.{uuid.uuid4().hex[:8]}.tmp"
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def save_safetensors(tensors, path, metadata=None):
+    """Write {name: tensor} to a .safetensors file: an 8-byte little-endian header length, a JSON header
+    {name: {dtype, shape, data_offsets}}, then every tensor's raw little-endian bytes back to back."""
+    tensors = {name: t.detach().cpu().contiguous() for name, t in tensors.items()}
+    header, offset = {"__metadata__": metadata or {}}, 0
+    for name, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        header[name] = {"dtype": SAFETENSORS_DTYPES[t.dtype], "shape": list(t.shape),
+                        "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    header_bytes = json.dumps(header).encode()
+    header_bytes += b" " * (-len(header_bytes) % 8)  # the format pads the header to 8-byte alignment
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(header_bytes)) + header_bytes)
+        for t in tensors.values():
+            f.write(ctypes.string_at(t.data_ptr(), t.numel() * t.element_size()))  # a copy of the raw bytes
