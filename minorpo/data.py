@@ -58,7 +58,10 @@ def load_tokenizer(folder):
     path = os.path.join(folder, "tokenizer.json")
     if not os.path.isfile(path):
         raise DataError(f"{path}: not found; the model folder needs the tokenizer.json it was trained with")
-    return Tokenizer.from_file(path)
+    try:
+        return Tokenizer.from_file(path)
+    except Exception as e:  # the tokenizers library raises a bare Exception for a file it cannot parse
+        raise DataError(f"{path}: not a readable tokenizer ({e}); copy it again from the model") from None
 
 
 def _template_ids(tokenizer, template):

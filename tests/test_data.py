@@ -235,6 +235,9 @@ def test_every_bad_line_is_an_error_with_its_line_number(tok, tmp_path, line, ta
 def test_tokenizer_helpers(tok, tmp_path):
     with pytest.raises(DataError, match="tokenizer.json: not found"):
         load_tokenizer(str(tmp_path))
+    (tmp_path / "tokenizer.json").write_text('{"version": "1.0", "model": ')  # cut short
+    with pytest.raises(DataError, match="tokenizer.json: not a readable tokenizer"):
+        load_tokenizer(str(tmp_path))
     tok.save(str(tmp_path / "tokenizer.json"))
     assert load_tokenizer(str(tmp_path)).encode("Four.").ids == tok.encode("Four.").ids
     im_end, eot = tok.token_to_id("<|im_end|>"), tok.token_to_id("<|endoftext|>")
