@@ -6,6 +6,7 @@ download). Prints one JSON line per configuration, comparable with the Hugging F
 baseline run in the same call on the same GPU.
 
     python bench.py                    # LoRA r16 and full fine-tuning, on the GPU
+    python bench.py --shape qwen3.5-0.8b --configs lora   # the hybrid DeltaNet model
     python bench.py --tiny             # tiny shapes on the CPU: checks that it runs (the tests do this)
     python bench.py --configs lora --compile off --grad-ckpt on
 """
@@ -20,14 +21,26 @@ import torch
 from minorpo import lora, step
 from minorpo.loss import IGNORE_INDEX
 from minorpo.model import ModelConfig, Qwen
+from minorpo.qwen35 import Qwen35, Qwen35Config
 
-SHAPES = {
-    "qwen3-0.6b": dict(vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
-                       num_attention_heads=16, num_key_value_heads=8, head_dim=128),
-    "tiny": dict(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                 num_attention_heads=4, num_key_value_heads=2, head_dim=16),
+SHAPES = {  # (model class, config); random weights, so nothing is downloaded
+    "qwen3-0.6b": (Qwen, ModelConfig(
+        vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16,
+        num_key_value_heads=8, head_dim=128, rope_theta=1e6, max_position_embeddings=4096, model_type="qwen3",
+        tie_word_embeddings=True)),
+    "qwen3.5-0.8b": (Qwen35, Qwen35Config(  # the text model of Qwen3.5-0.8B: 18 DeltaNet + 6 attention layers
+        vocab_size=248320, hidden_size=1024, intermediate_size=3584, num_hidden_layers=24, num_attention_heads=8,
+        num_key_value_heads=2, head_dim=256, linear_num_key_heads=16, linear_num_value_heads=16,
+        linear_key_head_dim=128, linear_value_head_dim=128, rope_theta=1e7, max_position_embeddings=4096,
+        tie_word_embeddings=True)),
+    "tiny": (Qwen, ModelConfig(
+        vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, rope_theta=1e6, max_position_embeddings=128, model_type="qwen3",
+        tie_word_embeddings=True)),
 }
-LORA_TARGETS = dict(targets=["gate_proj", "up_proj", "down_proj"], attn_targets=["q_proj", "k_proj", "v_proj", "o_proj"])
+LORA_TARGETS = dict(targets=["gate_proj", "up_proj", "down_proj"],  # PROTOCOL.md: all seven projections
+                    attn_targets=["q_proj", "k_proj", "v_proj", "o_proj"])
+DELTANET_TARGETS = ["in_proj_qkv", "in_proj_z", "out_proj"]  # Qwen3.5's linear-attention projections
 
 
 def protocol_batch(pairs, vocab_size, lo=32, hi=512, max_len=1024, seed=0):
@@ -51,14 +64,15 @@ def protocol_batch(pairs, vocab_size, lo=32, hi=512, max_len=1024, seed=0):
 def run(shape, kind, pairs, compile_layers, grad_ckpt, chunk_size, steps, warmup):
     on_cuda = torch.cuda.is_available() and shape != "tiny"
     device = "cuda" if on_cuda else "cpu"
-    torch.manual_seed(0)
-    cfg = ModelConfig(**SHAPES[shape], model_type="qwen3", rope_theta=1e6, rms_norm_eps=1e-6,
-                      max_position_embeddings=4096, tie_word_embeddings=True, attention_bias=False)
-    with torch.device(device):
-        model = Qwen(cfg).to(torch.bfloat16 if on_cuda else torch.float32)
-    # the same precision policy as train.py: trained weights fp32, frozen ones bf16, bf16 autocast
+    model_class, cfg = SHAPES[shape]
+    # built on the CPU (deterministic init), then moved; the precision policy is train.py's: frozen
+    # weights bf16 on CUDA, trained ones fp32 masters, bf16 autocast
+    model = model_class(cfg, seed=0).to(device=device, dtype=torch.bfloat16 if on_cuda else torch.float32)
     if kind == "lora":
-        lora.inject_lora(model, 16, 32.0, 0.0, **LORA_TARGETS)
+        targets = dict(LORA_TARGETS)
+        if model_class is Qwen35:
+            targets["attn_targets"] = targets["attn_targets"] + DELTANET_TARGETS
+        lora.inject_lora(model, 16, 32.0, 0.0, **targets)
         groups = ["lora", "attn_lora"]
     else:
         groups = ["all"]
@@ -69,7 +83,7 @@ def run(shape, kind, pairs, compile_layers, grad_ckpt, chunk_size, steps, warmup
         for layer in model.model.layers:
             layer.compile()
     policy = step.Policy(model, chunk_size)
-    optimizer = torch.optim.AdamW(list(trained.values()), lr=1e-5, fused=on_cuda)
+    optimizer = step.adamw(trained, lr=1e-5, weight_decay=0.0, fused=on_cuda)
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if on_cuda else contextlib.nullcontext
     lo, hi, max_len = (32, 512, 1024) if shape != "tiny" else (8, 32, 64)
     batch, real_tokens = protocol_batch(pairs, cfg.vocab_size, lo, hi, max_len)
@@ -97,6 +111,7 @@ def run(shape, kind, pairs, compile_layers, grad_ckpt, chunk_size, steps, warmup
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--tiny", action="store_true", help="tiny shapes on the CPU")
+    ap.add_argument("--shape", choices=sorted(SHAPES), default="qwen3-0.6b")
     ap.add_argument("--pairs", type=int, default=8)
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--warmup", type=int, default=3)
@@ -105,7 +120,7 @@ if __name__ == "__main__":
     ap.add_argument("--grad-ckpt", choices=["on", "off"], default="off")
     ap.add_argument("--chunk-size", type=int, default=4096, help="response tokens per output-head chunk")
     a = ap.parse_args()
-    shape = "tiny" if a.tiny else "qwen3-0.6b"
+    shape = "tiny" if a.tiny else a.shape
     use_compile = a.compile == "on" or (a.compile == "auto" and torch.cuda.is_available() and not a.tiny)
     for kind in a.configs.split(","):
         print(json.dumps(run(shape, kind, a.pairs, use_compile, a.grad_ckpt == "on", a.chunk_size,

@@ -23,7 +23,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 from torch.nn.parallel import DistributedDataParallel as DDP  # noqa: E402
 
-from minorpo import batches, checkpoint, config, data, lora, loss, state, step, tiny  # noqa: E402
+from minorpo import batches, checkpoint, config, data, files, lora, loss, state, step, tiny  # noqa: E402
 
 # -----------------------------------------------------------------------------
 # 1. config: a preset plus key=value overrides; a mistake stops here, in one line
@@ -133,10 +133,7 @@ if ddp:  # DDP registers the parameters that require grad at wrap time: every on
 
 # 5. AdamW: weight decay on matrices only, never on norms and biases; fused kernels on CUDA
 names = list(trained)
-optimizer = torch.optim.AdamW(
-    [{"params": [p for p in trained.values() if p.ndim >= 2], "weight_decay": t["weight_decay"]},
-     {"params": [p for p in trained.values() if p.ndim < 2], "weight_decay": 0.0}],
-    lr=t["learning_rate"], betas=(0.9, 0.999), fused=on_cuda)
+optimizer = step.adamw(trained, t["learning_rate"], t["weight_decay"], fused=on_cuda)
 
 
 # 6. learning rate: linear warmup, then cosine decay to learning_rate * min_lr_ratio
@@ -163,7 +160,7 @@ def batch_order(epoch):
 
 
 def prompt_of(ex):
-    ids, labels = (ex["chosen_input_ids"], ex["chosen_labels"]) if "chosen_labels" in ex else (ex["input_ids"], ex["labels"])
+    ids, labels = batches.rows_of(ex)[0]  # the chosen row of a pair, the row of an sft example
     return ids[:batches.first_trained(labels)]
 
 
@@ -235,6 +232,8 @@ if master and it == 0 and eval_set:
     if t["eval_every"]:  # the starting point of the eval curves
         report({"step": 0, **run_eval()})
 order = batch_order(epoch)
+if not order:
+    sys.exit(f"data error: {len(train_set)} training examples cannot give each of {world} ranks a pair")
 sums, tokens, t0, t_start, start_it = {}, 0, time.time(), time.time(), it
 while it < t["max_steps"]:
     if lora.phase_at(t["phases"], it) != phase:  # a new phase: switch the trainable groups
@@ -251,8 +250,11 @@ while it < t["max_steps"]:
     lr = get_lr(it)
     for group in optimizer.param_groups:
         group["lr"] = lr
-    m = step.train_step(train_policy, optimizer, micro, objective, t["orpo_lambda"],
-                        cfg["loss"]["logp_reduction"], t["max_grad_norm"], autocast, device)
+    try:
+        m = step.train_step(train_policy, optimizer, micro, objective, t["orpo_lambda"],
+                            cfg["loss"]["logp_reduction"], t["max_grad_norm"], autocast, device)
+    except ValueError as e:  # a row without label tokens (loss.py), which the data filter should have dropped
+        sys.exit(f"error: {e}")
     it += 1
     if m["skipped"]:  # the guard: no update was made; stop if it keeps happening
         skipped, bad_in_row = skipped + 1, bad_in_row + 1
@@ -289,13 +291,14 @@ while it < t["max_steps"]:
 if master:
     show_samples("after training")
     final = os.path.join(run_dir, "final")
-    with checkpoint.atomic_folder(final) as tmp:
+    with files.atomic_folder(final) as tmp:
         if lora.lora_layers(model):
             lora.save_adapter(model, os.path.join(tmp, "adapter"), base_model_name=cfg["model_name"])
             lora.merge_lora(model)
         checkpoint.write_model(model, tmp, tokenizer_from=model_dir, dtype=base_dtype)  # bf16 on CUDA
-    log(f"[save] {final}: the trained model{' (LoRA merged; adapter in final/adapter)' if 'adapter' in os.listdir(final) else ''}"
-        f"; chain it with model_name={final}")
+    has_adapter = os.path.isdir(os.path.join(final, "adapter"))
+    merged = " (LoRA merged; the adapter alone in final/adapter)" if has_adapter else ""
+    log(f"[save] {final}: the trained model{merged}; chain it with model_name={final}")
 if ddp:
     dist.barrier()  # the other ranks wait for rank 0's final outputs before the group goes away
     dist.destroy_process_group()

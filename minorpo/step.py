@@ -35,6 +35,13 @@ class Policy(nn.Module):
         return L.token_logps(hidden, self.model.lm_head.weight, labels, self.chunk_size)
 
 
+def adamw(trained, lr, weight_decay, fused):
+    """AdamW over {name: parameter}: weight decay on matrices only, never on norms and biases (1-D)."""
+    return torch.optim.AdamW([{"params": [p for p in trained.values() if p.ndim >= 2], "weight_decay": weight_decay},
+                              {"params": [p for p in trained.values() if p.ndim < 2], "weight_decay": 0.0}],
+                             lr=lr, betas=(0.9, 0.999), fused=fused)
+
+
 def all_reduce(x):
     """Sum x over the data-parallel ranks (in place); a no-op in a single process."""
     if dist.is_available() and dist.is_initialized():
