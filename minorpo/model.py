@@ -76,6 +76,10 @@ class ModelConfig:
         return self.model_type == "qwen3"
 
     @property
+    def rotary_dim(self):  # the channels of a head that RoPE turns: all of them (Qwen3.5 turns a quarter)
+        return self.head_dim
+
+    @property
     def o_proj_bias(self):
         # Qwen3's attention_bias covers all four projections; Qwen2's bias is on q/k/v only.
         return self.model_type == "qwen3" and self.attention_bias
@@ -217,7 +221,10 @@ def sample_token(logits, temperature=0.0, top_p=1.0, generator=None):
 
 
 class Qwen(nn.Module):
-    """A Qwen2/Qwen3 causal LM. Qwen(config, seed) is initialised by init_weights(seed)."""
+    """A Qwen2/Qwen3 causal LM. Qwen(config, seed) is initialised by init_weights(seed).
+    The Qwen3.5 hybrid (qwen35.py) is this class with other layers, final norm, cache and initialisation."""
+    layer_class, norm_class, cache_class = DecoderLayer, RMSNorm, KVCache
+    init_weights = staticmethod(init_weights)
 
     def __init__(self, config, seed=0):
         super().__init__()
@@ -225,26 +232,26 @@ class Qwen(nn.Module):
         self.gradient_checkpointing = False  # recompute each layer in backward: less memory, ~1/3 more time
         self.model = nn.ModuleDict(dict(
             embed_tokens=nn.Embedding(config.vocab_size, config.hidden_size),
-            layers=nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers)),
-            norm=RMSNorm(config.hidden_size, config.rms_norm_eps),
+            layers=nn.ModuleList(self.layer_class(config, i) for i in range(config.num_hidden_layers)),
+            norm=self.norm_class(config.hidden_size, config.rms_norm_eps),
         ))
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight  # one matrix: embeds tokens and scores them
-        cos, sin = rope_tables(config.head_dim, config.rope_theta, config.max_position_embeddings)
-        self.register_buffer("rope_cos", cos, persistent=False)
+        cos, sin = rope_tables(config.rotary_dim, config.rope_theta, config.max_position_embeddings)
+        self.register_buffer("rope_cos", cos, persistent=False)  # (max_len, rotary_dim / 2)
         self.register_buffer("rope_sin", sin, persistent=False)
         if not self.lm_head.weight.is_meta:  # checkpoint loading builds on "meta": nothing to initialise
-            init_weights(self, seed)
+            self.init_weights(self, seed)
 
     def hidden_states(self, input_ids, cache=None):
-        """Final-normed hidden states (B, T, H) for input_ids (B, T). With a KVCache, input_ids continue
-        the cached positions, and their keys and values are added to the cache."""
+        """Final-normed hidden states (B, T, H) for input_ids (B, T). With a cache, input_ids continue the
+        cached positions, and every layer's cache entry is advanced past them."""
         B, T = input_ids.shape
         start = 0 if cache is None else cache.length
         if start + T > self.rope_cos.size(0):
             raise ValueError(f"{start + T} positions exceed max_position_embeddings ({self.rope_cos.size(0)})")
-        cos, sin = self.rope_cos[start:start + T], self.rope_sin[start:start + T]  # (T, hd/2)
+        cos, sin = self.rope_cos[start:start + T], self.rope_sin[start:start + T]  # (T, rotary_dim / 2)
         x = self.model.embed_tokens(input_ids)  # (B, T, H)
         for layer in self.model.layers:
             if self.gradient_checkpointing and self.training and cache is None:
@@ -266,7 +273,7 @@ class Qwen(nn.Module):
         if not prompt_ids:
             raise ValueError("generate needs at least one prompt token")
         weight = self.model.embed_tokens.weight
-        cache = KVCache(self.config, 1, len(prompt_ids) + max_new_tokens, weight.dtype, weight.device)
+        cache = self.cache_class(self.config, 1, len(prompt_ids) + max_new_tokens, weight.dtype, weight.device)
         ids = torch.tensor([prompt_ids], device=weight.device)  # (1, P): the prompt, then one token at a time
         new_ids = []
         for _ in range(max_new_tokens):

@@ -25,9 +25,10 @@ Decisions:
   so loading is a strict load_state_dict. The released checkpoints are vision-language models that keep
   these under `model.language_model.*` next to `model.visual.*` and `mtp.*` (multi-token prediction);
   checkpoint.py strips the prefix and skips the parts minorpo does not use, and saves text-only.
-- The public interface is Qwen's (forward, hidden_states, lm_head, model.layers, gradient_checkpointing,
-  generate, config), so train.py uses either model unchanged. A layer's forward is (x, cos, sin, cache);
-  DeltaNet layers ignore cos and sin.
+- Qwen35 subclasses Qwen and swaps only its layer, final norm, cache and initialisation, so the interface
+  is Qwen's (forward, hidden_states, lm_head, model.layers, gradient_checkpointing, generate, config) and
+  train.py uses either model unchanged. A layer's forward is (x, cos, sin, cache); DeltaNet layers ignore
+  cos and sin.
 - The cache holds what each layer needs to continue: keys and values for the attention layers; the last
   K − 1 convolution inputs and the recurrent state S for the DeltaNet layers. Their memory is constant in
   the sequence length, which is why three of four layers are DeltaNet.
@@ -37,10 +38,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 from minorpo.deltanet import GatedDeltaNet
-from minorpo.model import MLP, apply_rope, rope_tables, sample_token
+from minorpo.model import MLP, Qwen, apply_rope
 
 LAYER_TYPES = ("linear_attention", "full_attention")
 
@@ -218,64 +218,8 @@ def init_weights(model, seed=0):
             p.copy_(torch.randn(p.shape, generator=generator) * 0.02)
 
 
-class Qwen35(nn.Module):
-    """A Qwen3.5 dense causal LM (text). Qwen35(config, seed) is initialised by init_weights(seed)."""
-
-    def __init__(self, config, seed=0):
-        super().__init__()
-        self.config = config
-        self.gradient_checkpointing = False  # recompute each layer in backward: less memory, ~1/3 more time
-        self.model = nn.ModuleDict(dict(
-            embed_tokens=nn.Embedding(config.vocab_size, config.hidden_size),
-            layers=nn.ModuleList(HybridDecoderLayer(config, i) for i in range(config.num_hidden_layers)),
-            norm=CenteredRMSNorm(config.hidden_size, config.rms_norm_eps),
-        ))
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        if config.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
-        cos, sin = rope_tables(config.rotary_dim, config.rope_theta, config.max_position_embeddings)
-        self.register_buffer("rope_cos", cos, persistent=False)  # (max_len, rotary_dim / 2)
-        self.register_buffer("rope_sin", sin, persistent=False)
-        if not self.lm_head.weight.is_meta:  # checkpoint loading builds on "meta": nothing to initialise
-            init_weights(self, seed)
-
-    def hidden_states(self, input_ids, cache=None):
-        """Final-normed hidden states (B, T, H) for input_ids (B, T). With a HybridCache, input_ids
-        continue the cached positions, and every layer's cache entry is advanced past them."""
-        B, T = input_ids.shape
-        start = 0 if cache is None else cache.length
-        if start + T > self.rope_cos.size(0):
-            raise ValueError(f"{start + T} positions exceed max_position_embeddings ({self.rope_cos.size(0)})")
-        cos, sin = self.rope_cos[start:start + T], self.rope_sin[start:start + T]  # (T, rotary_dim / 2)
-        x = self.model.embed_tokens(input_ids)  # (B, T, H)
-        for layer in self.model.layers:
-            if self.gradient_checkpointing and self.training and cache is None:
-                x = checkpoint(layer, x, cos, sin, use_reentrant=False)  # keeps only x; backward recomputes
-            else:
-                x = layer(x, cos, sin, cache)
-        if cache is not None:
-            cache.length += T
-        return self.model.norm(x)
-
-    def forward(self, input_ids, cache=None):
-        """Logits (B, T, vocab) for input_ids (B, T)."""
-        return self.lm_head(self.hidden_states(input_ids, cache))
-
-    @torch.no_grad()
-    def generate(self, prompt_ids, max_new_tokens, stop_ids=(), temperature=0.0, top_p=1.0, generator=None):
-        """Continue prompt_ids (list of ints) by up to max_new_tokens; returns the new ids only, ending
-        with the first stop id if one is produced. temperature 0 is greedy; see model.sample_token."""
-        if not prompt_ids:
-            raise ValueError("generate needs at least one prompt token")
-        weight = self.model.embed_tokens.weight
-        cache = HybridCache(self.config, 1, len(prompt_ids) + max_new_tokens, weight.dtype, weight.device)
-        ids = torch.tensor([prompt_ids], device=weight.device)  # (1, P): the prompt, then one token at a time
-        new_ids = []
-        for _ in range(max_new_tokens):
-            last_hidden = self.hidden_states(ids, cache)[0, -1]  # (H,): the head runs on the last position only
-            next_id = sample_token(self.lm_head(last_hidden), temperature, top_p, generator)
-            new_ids.append(next_id)
-            if next_id in stop_ids:
-                break
-            ids = torch.tensor([[next_id]], device=weight.device)
-        return new_ids
+class Qwen35(Qwen):
+    """A Qwen3.5 dense causal LM (text): Qwen's embedding, head, forward and cached generation around
+    hybrid layers, the (1 + w) final norm, a hybrid cache and its own initialisation (init_weights above)."""
+    layer_class, norm_class, cache_class = HybridDecoderLayer, CenteredRMSNorm, HybridCache
+    init_weights = staticmethod(init_weights)
