@@ -179,3 +179,12 @@ def test_load_adapter_errors(tmp_path):
     (tmp_path / "adapter_config.json").write_text(json.dumps({**cfg, "r": 8}))
     with pytest.raises(ValueError, match=r"lora_A.weight is \(4, \d+\), the model needs \(8, \d+\)"):
         lora.load_adapter(make_model(), str(tmp_path))
+
+
+def test_a_wrapped_layer_compiles_as_one_graph():
+    model = wrapped()
+    randomize_lora(model)
+    layer, x = model.model.layers[0], torch.randn(2, 10, 32)
+    cos, sin = model.rope_cos[:10], model.rope_sin[:10]
+    compiled = torch.compile(layer, backend="eager", fullgraph=True)  # fails on any graph break
+    torch.testing.assert_close(compiled(x, cos, sin), layer(x, cos, sin))
