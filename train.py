@@ -159,14 +159,9 @@ def batch_order(epoch):
     return [idx for idx in order if len(idx) >= world]
 
 
-def prompt_of(ex):
-    ids, labels = batches.rows_of(ex)[0]  # the chosen row of a pair, the row of an sft example
-    return ids[:batches.first_trained(labels)]
-
-
 def show_samples(title):
     prompts = [data.prompt_ids(tokenizer, p, d["template"]) for p in cfg["sample"]["prompts"]] or \
-              [prompt_of(ex) for ex in eval_set[:3]]
+              [batches.prompt_of(ex) for ex in eval_set[:3]]
     log(f"[sample] {title}")
     model.eval()
     room = max(1, mc.max_position_embeddings - cfg["sample"]["max_new_tokens"])  # keep the prompt's end

@@ -45,6 +45,12 @@ def first_trained(labels):
     return next((t for t, label in enumerate(labels) if label != IGNORE_INDEX), len(labels))
 
 
+def prompt_of(example):
+    """The prompt ids of an example: its (first) row up to the first trained token."""
+    ids, labels = rows_of(example)[0]
+    return ids[:first_trained(labels)]
+
+
 def example_problem(example, keys, vocab_size):
     """What is wrong with an example (None if nothing). keys: its (input_ids, labels) key pairs; each must
     be a non-empty list of ints of one length, ids in the vocabulary, labels IGNORE_INDEX or the id."""

@@ -9,8 +9,8 @@ import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from minorpo.batches import (IGNORE_INDEX, batch_order, collate, example_length, first_trained, show_example,
-                             split_examples, truncate, write_examples)
+from minorpo.batches import (IGNORE_INDEX, batch_order, collate, example_length, first_trained, prompt_of,
+                             show_example, split_examples, truncate, write_examples)
 from minorpo.data import DataError, load_examples, load_tokenizer, make_examples, prompt_ids, stop_and_pad_ids
 
 SENTENCES = ["What is two plus two? Four. The answer is four, not five.",
@@ -61,6 +61,7 @@ def test_chatml_pair_matches_the_whole_string_and_masks_exactly_the_prompt(tok):
     assert first_trained(ex["chosen_labels"]) == first_trained(ex["rejected_labels"])
     p = first_trained(ex["chosen_labels"])
     assert ex["chosen_input_ids"][:p] == ex["rejected_input_ids"][:p] == prompt_ids(tok, PAIR["prompt"])
+    assert prompt_of(ex) == prompt_ids(tok, PAIR["prompt"])  # what train.py's samples generate from
     assert report == ["[data] data: 1 pairs (0 truncated to max_length=512)"]
 
 
