@@ -168,7 +168,8 @@ def show_samples(title):
     for ids in prompts:
         with autocast():  # on CUDA, trained weights (fp32) and frozen ones (bf16) meet here
             new = model.generate(ids[-room:], cfg["sample"]["max_new_tokens"], stop_ids=stop_ids,
-                                 temperature=cfg["sample"]["temperature"], generator=torch.Generator().manual_seed(0))
+                                 temperature=cfg["sample"]["temperature"], top_p=cfg["sample"]["top_p"],
+                                 generator=torch.Generator().manual_seed(0))
         log(f"  {tokenizer.decode(ids)!r} -> {tokenizer.decode(new)!r}")
     model.train()
 

@@ -88,6 +88,7 @@ SCHEMA = {
         "prompts": (STR_LIST, []),
         "max_new_tokens": (int, 48),
         "temperature": (float, 0.0),
+        "top_p": (float, 1.0),
     },
 }
 
@@ -211,9 +212,10 @@ RANGES = [(k, ">=", 1) for k in ("data.max_length", "data.max_prompt_length", "t
 RANGES += [(k, ">=", 0) for k in ("training.warmup_steps", "training.eval_every", "training.save_every",
                                   "training.weight_decay", "training.max_grad_norm", "training.min_lr_ratio",
                                   "lora.start_layer", "lora.num_layers", "lora.dropout", "data.eval_fraction",
-                                  "sample.temperature")]
+                                  "sample.temperature", "sample.top_p")]
 RANGES += [(k, ">", 0) for k in ("training.learning_rate", "lora.alpha")]
-RANGES += [(k, "<", 1) for k in ("lora.dropout", "data.eval_fraction")] + [("training.min_lr_ratio", "<=", 1)]
+RANGES += [(k, "<", 1) for k in ("lora.dropout", "data.eval_fraction")]
+RANGES += [(k, "<=", 1) for k in ("training.min_lr_ratio", "sample.top_p")]
 BOUND_TESTS = {">=": lambda v, b: v >= b, ">": lambda v, b: v > b, "<": lambda v, b: v < b, "<=": lambda v, b: v <= b}
 
 
