@@ -246,20 +246,20 @@ def validate(cfg, where="config"):
 
 
 def parse_args(argv):
-    """Split ['preset.yml', 'a.b=1', '--set', 'c=2', '--set=d=3'] into the preset path and overrides."""
-    preset, overrides, i = None, [], 0
-    while i < len(argv):
-        arg = argv[i]
-        if arg == "--set":
-            if i + 1 == len(argv):
-                raise ConfigError("command line: `--set` needs a key=value after it")
-            overrides.append(argv[i + 1])
-            i += 1
+    """Split ['preset.yml', 'a.b=1', '--set', 'c=2', '--set=d=3'] into the preset path and overrides;
+    the seed tool's `--preset PATH` spelling is accepted too."""
+    preset, overrides, args = None, [], list(argv)
+    while args:
+        arg = args.pop(0)
+        if arg in ("--set", "--preset"):
+            if not args:
+                raise ConfigError(f"command line: `{arg}` needs a value after it (key=value or a preset path)")
+            if arg == "--set":
+                overrides.append(args.pop(0))
+            else:
+                preset = args.pop(0)
         elif arg.startswith("--set="):
             overrides.append(arg[len("--set="):])
-        elif arg in ("--preset", "-c") and i + 1 < len(argv):  # the seed tool's --preset spelling
-            preset = argv[i + 1]
-            i += 1
         elif "=" in arg:
             overrides.append(arg)
         elif preset is None and not arg.startswith("-"):
@@ -267,7 +267,6 @@ def parse_args(argv):
         else:
             raise ConfigError(f"command line: unexpected argument `{arg}`; "
                               "usage: python train.py PRESET.yml [key=value ...]")
-        i += 1
     if preset is None:
         raise ConfigError("command line: no preset given; usage: python train.py presets/orpo.yml [key=value ...]")
     return preset, overrides

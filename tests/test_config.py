@@ -121,7 +121,7 @@ def test_parse_args_accepts_plain_and_seed_spelling():
     assert preset == "x.yml" and overrides == ["model_name=m"]
     with pytest.raises(ConfigError, match="no preset"):
         config.parse_args(["a=1"])
-    with pytest.raises(ConfigError, match="needs a key=value"):
+    with pytest.raises(ConfigError, match="`--set` needs a value"):
         config.parse_args(["x.yml", "--set"])
 
 
