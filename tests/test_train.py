@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from minorpo import checkpoint, lora
+from minorpo import checkpoint, files, lora
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAST = ["training.log_every=5", "training.eval_every=0", "training.warmup_steps=2", "sample.max_new_tokens=8"]
@@ -140,11 +140,12 @@ def test_lora_orpo_on_a_tiny_qwen35_hybrid(tmp_path):
                           linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=8,
                           linear_value_head_dim=8, max_position_embeddings=256, tie_word_embeddings=True)
     folder = tmp_path / "qwen35-tiny"
-    with checkpoint.atomic_folder(str(folder)) as tmp:
+    with files.atomic_folder(str(folder)) as tmp:
         checkpoint.write_model(Qwen35(config, seed=0), tmp)
         tiny.build_tokenizer().save(os.path.join(tmp, "tokenizer.json"))
     train(tmp_path, f"model_name={folder}", "training.max_steps=15", "training.learning_rate=1e-2",
-          "training.phases=[{step: 0, trainable: [lora, attn_lora]}]", "lora.attn_targets=[q_proj, v_proj, in_proj_qkv]")
+          "training.phases=[{step: 0, trainable: [lora, attn_lora]}]",
+          "lora.attn_targets=[q_proj, v_proj, in_proj_qkv]")
     rows = metrics(tmp_path / "orpo")
     assert rows[-1]["train/total_loss"] < rows[0]["train/total_loss"]
     adapter = json.loads((tmp_path / "orpo" / "final" / "adapter" / "adapter_config.json").read_text())
