@@ -9,21 +9,18 @@ References: ORPO, Hong, Lee, Thorne 2024 (arXiv:2403.07691), for the masks and t
 Qwen's ChatML template; nanochat, which builds ids and labels together, one segment at a time.
 
 Decisions:
-- Labels follow Hugging Face: labels[t] = input_ids[t] on trained tokens and IGNORE_INDEX (-100,
-  defined in batches.py) elsewhere; the loss shifts. labels[0] is always IGNORE_INDEX: nothing
-  predicts the first token, so the count of label tokens is the count of predicted tokens.
+- Labels follow Hugging Face (batches.py: labels[t] = input_ids[t] where trained, IGNORE_INDEX elsewhere).
 - The prompt and each response are tokenized as separate segments, so the boundary is exact and the
   prompt ids are those generation sees. A response is `{text}<|im_end|>` (chatml) or
   `{text}<|endoftext|>` (raw); a cut response loses that end token, so the model never learns to stop
   at the cut. No BOS token (Qwen adds none).
-- Truncation (batches.truncate) keeps the prompt's end and the responses' beginnings. Rows with no label
-  tokens, empty responses and identical chosen/rejected are dropped and counted: a mean over zero
-  tokens is 0/0 = NaN, the seed documentation's known failure. A malformed line, instead, stops the
-  load with `file:line` and the layout expected: silently skipping it would hide a broken file.
+- Rows left with no label tokens by truncation (batches.truncate), empty responses and identical
+  chosen/rejected are dropped and counted: a mean over zero tokens is 0/0 = NaN, the seed's known
+  failure. A malformed line stops the load with `file:line` and the layout expected.
 - Layouts: a prompt is a string or a list of {"role", "content"} messages; an answer is a string or a
-  transcript whose last turn is the assistant's answer and whose earlier turns are the prompt
-  (UltraFeedback, HH). task=preference without a prompt takes the shared beginning of chosen and
-  rejected, cut back to a whitespace boundary. data.template=raw has no roles: one prompt text only.
+  transcript (a message list, or HH's "Human: ... Assistant: ..." string) whose last turn is the answer
+  and whose earlier turns are the prompt. task=preference without a prompt otherwise takes the shared
+  beginning of chosen and rejected, cut back to a whitespace boundary. template=raw: one prompt text.
 """
 import json
 import os
