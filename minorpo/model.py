@@ -91,11 +91,14 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
 
-    def forward(self, x):
-        # y = x / sqrt(mean(x²) + eps) · g   (Zhang & Sennrich, Eq. 4); the mean of squares in fp32
+    def normalize(self, x):
+        # x / sqrt(mean(x²) + eps), in fp32 whatever x's dtype
         x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+        return x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+
+    def forward(self, x):
+        # y = x / sqrt(mean(x²) + eps) · g   (Zhang & Sennrich, Eq. 4); cast back before the gain
+        return self.weight * self.normalize(x).to(x.dtype)
 
 
 def rope_tables(head_dim, theta, max_len):
@@ -118,6 +121,20 @@ def apply_rope(x, cos, sin):
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
 
 
+def causal_attention(q, k, v, cache=None, layer_idx=0):
+    """y = softmax(q·kᵀ / √hd + causal mask) · v for q (B, nh, T, hd), k and v (B, nkv, T, hd); each group
+    of nh / nkv query heads shares one k/v head. With a cache, k and v are appended to it first."""
+    if cache is None:  # right padding needs no mask (module docstring)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    T = q.size(2)
+    k, v = cache.update(layer_idx, k, v)  # (B, nkv, P + T, hd): P cached positions, then these T
+    P = k.size(2) - T
+    # is_causal=True aligns the mask top-left (query i sees keys 0..i), which is right only for P = 0;
+    # here query i sits at position P + i and sees keys 0..P + i
+    mask = torch.ones(T, P + T, dtype=torch.bool, device=q.device).tril(diagonal=P)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg, layer_idx):
         super().__init__()
@@ -138,16 +155,7 @@ class Attention(nn.Module):
         k = self.k_norm(self.k_proj(x).view(B, T, nkv, hd)).transpose(1, 2)  # (B, nkv, T, hd)
         v = self.v_proj(x).view(B, T, nkv, hd).transpose(1, 2)  # (B, nkv, T, hd)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        # y = softmax(q·kᵀ / √hd + causal mask) · v; each group of nh / nkv query heads shares one k/v head
-        if cache is None:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)  # (B, nh, T, hd)
-        else:
-            k, v = cache.update(self.layer_idx, k, v)  # (B, nkv, P + T, hd): P cached positions, then these T
-            P = k.size(2) - T
-            # is_causal=True aligns the mask top-left (query i sees keys 0..i), which is right only for P = 0;
-            # here query i sits at position P + i and sees keys 0..P + i
-            mask = torch.ones(T, P + T, dtype=torch.bool, device=x.device).tril(diagonal=P)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)  # (B, nh, T, hd)
+        y = causal_attention(q, k, v, cache, self.layer_idx)  # (B, nh, T, hd)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, nh * hd))  # (B, T, H)
 
 

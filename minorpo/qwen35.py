@@ -37,10 +37,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from minorpo.deltanet import GatedDeltaNet
-from minorpo.model import MLP, Qwen, apply_rope
+from minorpo.model import MLP, Qwen, RMSNorm, apply_rope, causal_attention
 
 LAYER_TYPES = ("linear_attention", "full_attention")
 
@@ -98,18 +97,15 @@ class Qwen35Config:
         return int(self.head_dim * self.partial_rotary_factor)
 
 
-class CenteredRMSNorm(nn.Module):
+class CenteredRMSNorm(RMSNorm):
     """RMSNorm with its gain stored centred on zero: y = x / √(mean(x²) + eps) · (1 + w), all in fp32."""
 
     def __init__(self, dim, eps):
-        super().__init__()
-        self.weight = nn.Parameter(torch.zeros(dim))
-        self.eps = eps
+        super().__init__(dim, eps)
+        nn.init.zeros_(self.weight)
 
     def forward(self, x):
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (x32 * (1.0 + self.weight.float())).to(x.dtype)
+        return (self.normalize(x) * (1.0 + self.weight.float())).to(x.dtype)
 
 
 def apply_partial_rope(x, cos, sin):
@@ -139,14 +135,7 @@ class GatedAttention(nn.Module):
         k = self.k_norm(self.k_proj(x).view(B, T, nkv, hd)).transpose(1, 2)  # (B, nkv, T, hd)
         v = self.v_proj(x).view(B, T, nkv, hd).transpose(1, 2)  # (B, nkv, T, hd)
         q, k = apply_partial_rope(q, cos, sin), apply_partial_rope(k, cos, sin)
-        # y = softmax(q·kᵀ / √hd + causal mask) · v, as in model.Attention
-        if cache is None:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)  # (B, nh, T, hd)
-        else:
-            k, v = cache.update(self.layer_idx, k, v)  # (B, nkv, P + T, hd)
-            P = k.size(2) - T  # query i sits at position P + i and sees keys 0 .. P + i
-            mask = torch.ones(T, P + T, dtype=torch.bool, device=x.device).tril(diagonal=P)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)  # (B, nh, T, hd)
+        y = causal_attention(q, k, v, cache, self.layer_idx)  # (B, nh, T, hd)
         # the output gate: each channel of each head scaled by sigmoid of its gate, σ(gate) ∈ (0, 1)
         y = y.transpose(1, 2).reshape(B, T, nh * hd) * torch.sigmoid(gate.reshape(B, T, nh * hd))
         return self.o_proj(y)  # (B, T, H)
