@@ -22,6 +22,25 @@ import uuid
 
 import torch
 
+class UserError(ValueError):
+    """A mistake in something the user gave: a setting, a file, a folder. train.py prints the message as one
+    line (no traceback) and exits nonzero, so it must name the file, line or key, and the fix."""
+
+
+def file_inside(folder, name, what="file"):
+    """The real path of folder/name if, after resolving symlinks, it is a regular file inside the real
+    folder; anything else (a link out of the folder, a device, a directory) is refused. A model folder
+    or a checkpoint can come from someone else: nothing it names may make minorpo read elsewhere."""
+    root = os.path.realpath(folder)
+    real = os.path.realpath(os.path.join(folder, name))
+    if os.path.commonpath([root, real]) != root:
+        raise UserError(f"{os.path.join(folder, name)}: the {what} resolves to {real}, outside {folder}; refused")
+    if not os.path.isfile(real):
+        kind = "a folder" if os.path.isdir(real) else "missing" if not os.path.exists(real) else "not a regular file"
+        raise UserError(f"{os.path.join(folder, name)}: the {what} is {kind}; expected a regular file")
+    return real
+
+
 SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.int64: "I64",
                       torch.int32: "I32", torch.uint8: "U8", torch.bool: "BOOL"}
 
