@@ -1,303 +1,251 @@
-"""Configuration: a YAML preset, then `key=value` overrides, validated against one schema.
+"""Configuration: a YAML preset, then `key=value` overrides, checked against DEFAULTS.
 
     python train.py presets/orpo.yml training.orpo_lambda=0.2 data.path=pairs.jsonl
-    python train.py presets/orpo.yml --set model_name=outputs/sft/final      # the seed tool's spelling
 
 Decisions:
-- Every key has a type and a default in SCHEMA below; the presets list every key with a comment.
-  An unknown key (in the file or on the command line) is an error with a "did you mean" suggestion,
-  because a silently ignored typo costs a whole training run.
-- Override values are parsed as YAML, so `true`, `null`, `3` and `[q_proj, v_proj]` mean on the
-  command line what they mean in a file. PyYAML follows YAML 1.1, where `1e-4` (no dot) is a *string*;
-  float keys therefore accept any string that Python's float() reads.
-- The resolved config is a plain nested dict: train.py reads values out of it and passes them to
-  the library functions as arguments, so no library module depends on the config's shape.
+- DEFAULTS is the schema: a key's type is its default's type, CHOICES lists the words a key accepts and
+  RANGES the interval of each number. presets/orpo.yml lists every key with a comment (`--help` prints them).
+  An unknown key is an error with a "did you mean", because a silently ignored typo costs a whole run.
+- A preset can come from someone else, so it is read strictly: at most 1 MB, UTF-8, no duplicate keys
+  (the later one would silently win), no anchors or aliases (a few nested aliases expand to gigabytes).
+- Booleans are only true and false. YAML 1.1 also reads on/off/yes/no/y/n as booleans, so
+  `compile: on` would arrive as True; here they stay words. `1e-4` is a number (YAML 1.1 wants `1.0e-4`).
+- Every number must be finite and inside its range before anything runs: `learning_rate=inf` would
+  otherwise train for an hour and save NaN weights.
 """
 import copy
 import difflib
+import math
 import os
+import re
 
 import yaml
 
-from minorpo.files import atomic_write
+from minorpo.files import UserError, atomic_write
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A problem with a preset or an override; the message names the key and the fix."""
 
 
-# Allowed trainable groups (minorpo/lora.py implements them).
-GROUPS = ("lora", "attn_lora", "embed", "norm", "head", "all")
-
-# A spec is a Python type, a tuple of allowed strings, or one of the markers below.
-OPT_STR = "string or null"
-STR_LIST = "list of strings"
-PHASES = "list of {step, trainable}"
-
-SCHEMA = {
-    "run_name": (str, "orpo"),
-    "output_dir": (str, "outputs"),
-    "model_name": (str, "tiny"),
-    "seed": (int, 0),
-    "device": (("auto", "cpu", "cuda"), "auto"),
-    "data": {
-        "path": (str, "tiny"),
-        "format": (("raw", "processed"), "raw"),
-        "task": (("sft", "preference", "prompted_preference"), "prompted_preference"),
-        "template": (("chatml", "raw"), "chatml"),
-        "max_length": (int, 512),
-        "max_prompt_length": (int, 256),
-        "eval_fraction": (float, 0.05),
-        "eval_path": (OPT_STR, None),
-        "group_by_length": (bool, True),
-    },
-    "training": {
-        "type": (("sft", "orpo"), "orpo"),
-        "orpo_lambda": (float, None),
-        "learning_rate": (float, 5e-5),
-        "min_lr_ratio": (float, 0.1),
-        "warmup_steps": (int, 10),
-        "max_steps": (int, 100),
-        "batch_size": (int, 8),
-        "grad_accum_steps": (int, 1),
-        "weight_decay": (float, 0.0),
-        "max_grad_norm": (float, 1.0),
-        "phases": (PHASES, [{"step": 0, "trainable": ["lora", "attn_lora"]}]),
-        "log_every": (int, 10),
-        "eval_every": (int, 50),
-        "save_every": (int, 0),
-        "resume_from": (OPT_STR, None),
-        "max_bad_steps": (int, 10),
-        "compile": (("auto", "on", "off"), "auto"),
-        "gradient_checkpointing": (bool, False),
-    },
-    "loss": {
-        "logp_reduction": (("mean", "sum"), "mean"),
-        "head_chunk_size": (int, 4096),
-    },
-    "lora": {
-        "rank": (int, 16),
-        "alpha": (float, 32.0),
-        "dropout": (float, 0.0),
-        "targets": (STR_LIST, ["gate_proj", "up_proj", "down_proj"]),
-        "attn_targets": (STR_LIST, ["q_proj", "v_proj"]),
-        "start_layer": (int, 0),
-        "num_layers": (int, 0),
-    },
-    "sample": {
-        "prompts": (STR_LIST, []),
-        "max_new_tokens": (int, 48),
-        "temperature": (float, 0.0),
-        "top_p": (float, 1.0),
-    },
+GROUPS = ("lora", "attn_lora", "embed", "norm", "head", "all")  # trainable groups (minorpo/lora.py)
+NULLABLE = {"training.orpo_lambda": float, "training.resume_from": str, "data.eval_path": str}  # None or this
+DEFAULTS = {
+    "run_name": "orpo", "output_dir": "outputs", "model_name": "tiny", "seed": 0, "device": "auto",
+    "precision": "auto",
+    "data": {"path": "tiny", "format": "raw", "task": "prompted_preference", "template": "chatml",
+             "max_length": 512, "max_prompt_length": 256, "eval_fraction": 0.05, "eval_path": None,
+             "group_by_length": True},
+    "training": {"type": "orpo", "orpo_lambda": None, "learning_rate": 5e-5, "min_lr_ratio": 0.1,
+                 "warmup_steps": 10, "max_steps": 100, "batch_size": 8, "grad_accum_steps": 1,
+                 "weight_decay": 0.0, "max_grad_norm": 1.0,
+                 "phases": [{"step": 0, "trainable": ["lora", "attn_lora"]}],
+                 "log_every": 10, "eval_every": 50, "save_every": 0, "keep_checkpoints": 3, "resume_from": None,
+                 "max_bad_steps": 10, "compile": "auto", "gradient_checkpointing": False},
+    "loss": {"logp_reduction": "mean", "head_chunk_size": 4096},
+    "lora": {"rank": 16, "alpha": 32.0, "dropout": 0.0, "targets": ["gate_proj", "up_proj", "down_proj"],
+             "attn_targets": ["q_proj", "v_proj"], "start_layer": 0, "num_layers": 0},
+    "sample": {"prompts": [], "max_new_tokens": 48, "temperature": 0.0, "top_p": 1.0},
+}
+CHOICES = {"device": ("auto", "cpu", "cuda"), "precision": ("auto", "fp32", "bf16"),
+           "data.format": ("raw", "processed"), "data.task": ("sft", "preference", "prompted_preference"),
+           "data.template": ("chatml", "raw"), "training.type": ("sft", "orpo"),
+           "training.compile": ("auto", "on", "off"), "loss.logp_reduction": ("mean", "sum")}
+BIG = 10**9
+RANGES = {  # interval notation: [ and ] include the bound, ( and ) exclude it
+    "seed": f"[0, {2**31 - 1}]", "data.max_length": "[2, 1048576]", "data.max_prompt_length": "[1, 1048576]",
+    "data.eval_fraction": "[0, 1)", "training.orpo_lambda": "(0, 1000]", "training.learning_rate": "(0, 1]",
+    "training.min_lr_ratio": "[0, 1]", "training.warmup_steps": f"[0, {BIG}]", "training.max_steps": f"[1, {BIG}]",
+    "training.batch_size": "[1, 65536]", "training.grad_accum_steps": "[1, 65536]",
+    "training.weight_decay": "[0, 10]", "training.max_grad_norm": "[0, 1000000]", "training.log_every": f"[1, {BIG}]",
+    "training.eval_every": f"[0, {BIG}]", "training.save_every": f"[0, {BIG}]", "training.keep_checkpoints": "[1, 1000]",
+    "training.max_bad_steps": "[1, 1000000]", "loss.head_chunk_size": "[1, 1048576]", "lora.rank": "[1, 65536]",
+    "lora.alpha": "(0, 1000000]", "lora.dropout": "[0, 1)", "lora.start_layer": "[0, 4096]",
+    "lora.num_layers": "[0, 4096]", "sample.max_new_tokens": "[1, 65536]", "sample.temperature": "[0, 100]",
+    "sample.top_p": "(0, 1]",
 }
 
 
-def defaults(schema=SCHEMA):
-    """The default config: SCHEMA's values as a nested dict."""
-    return {k: defaults(v) if isinstance(v, dict) else copy.deepcopy(v[1]) for k, v in schema.items()}
-
-
-def all_keys(schema=SCHEMA, prefix=""):
-    """Every dotted key, e.g. ['run_name', ..., 'training.orpo_lambda', ...]."""
-    keys = []
-    for k, v in schema.items():
-        keys += all_keys(v, f"{prefix}{k}.") if isinstance(v, dict) else [prefix + k]
-    return keys
-
-
-def _unknown(key, where):
-    close = difflib.get_close_matches(key, all_keys(), n=1, cutoff=0.6)
-    hint = f" did you mean `{close[0]}`?" if close else f" valid keys: {', '.join(all_keys())}"
-    return ConfigError(f"{where}: unknown config key `{key}`;{hint}")
-
-
-TYPE_CHECKS = {  # spec: (test, what the error message expects)
-    int: (lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer"),
-    bool: (lambda v: isinstance(v, bool), "true or false"),
-    str: (lambda v: isinstance(v, str), "a string"),
-    OPT_STR: (lambda v: v is None or isinstance(v, str), "a string or null"),
-    STR_LIST: (lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v),
-               "a list of strings, e.g. [q_proj, v_proj]"),
-}
-
-
-def _coerce(key, value, spec, where):
-    """Return value converted to spec, or raise a ConfigError naming key, expected type and value."""
-    def bad(expected):
-        return ConfigError(f"{where}: `{key}` must be {expected}, got {value!r}")
-    if spec is float:
-        if isinstance(value, str):  # YAML 1.1 reads `1e-4` as a string
-            try:
-                value = float(value)
-            except ValueError:
-                raise bad("a number") from None
-        if value is None and key == "training.orpo_lambda":
-            return None  # checked against training.type in validate()
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise bad("a number")
-        return float(value)
-    if spec == PHASES:
-        return _phases(key, value, where)
-    if isinstance(spec, tuple):
-        if value not in spec:
-            raise bad("one of " + " | ".join(spec))
-        return value
-    test, expected = TYPE_CHECKS[spec]
-    if not test(value):
-        raise bad(expected)
-    return value
-
-
-def _phases(key, value, where):
-    example = "[{step: 0, trainable: [lora, attn_lora]}]"
-    if not isinstance(value, list) or not value:
-        raise ConfigError(f"{where}: `{key}` must be a non-empty list like {example}, got {value!r}")
-    for phase in value:
-        if not isinstance(phase, dict) or set(phase) != {"step", "trainable"}:
-            raise ConfigError(f"{where}: each entry of `{key}` must have exactly `step` and `trainable`, "
-                              f"like {example}; got {phase!r}")
-        if isinstance(phase["step"], bool) or not isinstance(phase["step"], int) or phase["step"] < 0:
-            raise ConfigError(f"{where}: `{key}` step must be a non-negative integer, got {phase['step']!r}")
-        groups = phase["trainable"]
-        if not isinstance(groups, list) or not groups or any(g not in GROUPS for g in groups):
-            raise ConfigError(f"{where}: `{key}` trainable must be a non-empty list of groups from "
-                              f"{', '.join(GROUPS)}; got {groups!r}")
-    steps = [p["step"] for p in value]
-    if steps[0] != 0 or steps != sorted(set(steps)):
-        raise ConfigError(f"{where}: `{key}` steps must start at 0 and increase, got {steps}")
-    return value
-
-
-def _merge(cfg, tree, schema, where, prefix=""):
-    """Merge a nested dict from a YAML file into cfg, checking every key and value."""
-    if not isinstance(tree, dict):
-        raise ConfigError(f"{where}: `{prefix[:-1] or 'the file'}` must be a mapping of keys to values")
+def flat(tree, prefix=""):
+    """{'a': {'b': 1}} -> {'a.b': 1}: every dotted key with its value."""
+    out = {}
     for k, v in tree.items():
-        key = prefix + str(k)
-        if k not in schema:
-            raise _unknown(key, where)
-        if isinstance(schema[k], dict):
-            _merge(cfg[k], v, schema[k], where, key + ".")
-        else:
-            cfg[k] = _coerce(key, v, schema[k][0], where)
+        out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
 
 
-def set_value(cfg, assignment, where="command line"):
-    """Apply one `dotted.key=value` override; the value is parsed as YAML."""
-    if "=" not in assignment:
-        raise ConfigError(f"{where}: expected key=value, got `{assignment}`")
-    key, text = assignment.split("=", 1)
-    key = key.strip()
-    *sections, leaf = key.split(".")
-    node, schema = cfg, SCHEMA
-    for s in sections:
-        if not isinstance(schema.get(s), dict):
-            raise _unknown(key, where)
-        node, schema = node[s], schema[s]
-    if leaf not in schema or isinstance(schema[leaf], dict):
-        raise _unknown(key, where)
+class _StrictLoader(yaml.SafeLoader):
+    """PyYAML's safe loader without anchors, aliases, duplicate keys, dates, or on/off/yes/no booleans."""
+    yaml_implicit_resolvers = {c: [(tag, rx) for tag, rx in rs if tag.rsplit(":", 1)[1] not in ("bool", "timestamp")]
+                               for c, rs in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+
+    def compose_node(self, parent, index):
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None):
+            raise ConfigError(f"{self.name}:{event.start_mark.line + 1}: YAML anchors and aliases (& and *) "
+                              "are not allowed in a preset; write the value out")
+        return super().compose_node(parent, index)
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise ConfigError(f"{self.name}:{key_node.start_mark.line + 1}: duplicate key `{key}`; "
+                                  "keep one of them")
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+_StrictLoader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                                    list("tTfF"))
+_StrictLoader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+                                    list("-+0123456789"))
+
+
+def parse_yaml(text, name):
+    """Parse YAML text strictly; `name` (a file, or `key=value` on the command line) starts every error."""
+    loader = _StrictLoader(text)
+    loader.name = name
     try:
-        value = yaml.safe_load(text) if text.strip() else ""
-    except yaml.YAMLError:
-        value = text  # not valid YAML: keep the raw string and let the type check judge it
-    node[leaf] = _coerce(key, value, schema[leaf][0], where)
+        return loader.get_single_data()
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        raise ConfigError(f"{name}{f':{mark.line + 1}' if mark else ''}: not valid YAML "
+                          f"({getattr(e, 'problem', None) or e})") from None
+    finally:
+        loader.dispose()
 
 
-# The range of each number: (key, comparison, bound).
-RANGES = [(k, ">=", 1) for k in ("data.max_length", "data.max_prompt_length", "training.max_steps",
-                                  "training.batch_size", "training.grad_accum_steps", "training.log_every",
-                                  "training.max_bad_steps", "loss.head_chunk_size", "lora.rank",
-                                  "sample.max_new_tokens")]
-RANGES += [(k, ">=", 0) for k in ("training.warmup_steps", "training.eval_every", "training.save_every",
-                                  "training.weight_decay", "training.max_grad_norm", "training.min_lr_ratio",
-                                  "lora.start_layer", "lora.num_layers", "lora.dropout", "data.eval_fraction",
-                                  "sample.temperature", "sample.top_p")]
-RANGES += [(k, ">", 0) for k in ("training.learning_rate", "lora.alpha")]
-RANGES += [(k, "<", 1) for k in ("lora.dropout", "data.eval_fraction")]
-RANGES += [(k, "<=", 1) for k in ("training.min_lr_ratio", "sample.top_p")]
-BOUND_TESTS = {">=": lambda v, b: v >= b, ">": lambda v, b: v > b, "<": lambda v, b: v < b, "<=": lambda v, b: v <= b}
+def check(key, value, where):
+    """Return `value` if it suits `key` (type, choice, range); else raise one line naming key, rule, value."""
+    want = NULLABLE.get(key) or type(flat(DEFAULTS)[key])
+    if value is None and key in NULLABLE:
+        return None
+    if want is float and type(value) is int:
+        value = float(value)
+    if type(value) is not want:
+        kind = {bool: "true or false", int: "an integer", float: "a number", str: "a string", list: "a list"}[want]
+        raise ConfigError(f"{where}: `{key}` must be {kind}{' or null' if key in NULLABLE else ''}, got {value!r}")
+    if key in CHOICES and value not in CHOICES[key]:
+        raise ConfigError(f"{where}: `{key}` must be one of {' | '.join(CHOICES[key])}, got {value!r}")
+    if key in RANGES:
+        low, high = (float(x) for x in RANGES[key][1:-1].split(","))
+        interval = RANGES[key]
+        inside = (low < value if interval[0] == "(" else low <= value) and \
+                 (value < high if interval[-1] == ")" else value <= high)
+        if not (math.isfinite(value) and inside):
+            raise ConfigError(f"{where}: `{key}` must be in {interval}, got {value}")
+    if isinstance(value, list) and key != "training.phases" and not all(isinstance(x, str) for x in value):
+        raise ConfigError(f"{where}: `{key}` must be a list of strings like [q_proj, v_proj], got {value!r}")
+    return value
 
 
-def validate(cfg, where="config"):
-    """The range of every number, and the checks that involve more than one key."""
-    t, d = cfg["training"], cfg["data"]
-    if t["type"] == "orpo":
-        lam = t["orpo_lambda"]
-        if lam is None:
-            raise ConfigError(f"{where}: `training.orpo_lambda` is required for training.type: orpo "
-                              "(the paper used 0.1 to 0.25); set e.g. training.orpo_lambda=0.1")
-        if not lam > 0:
-            raise ConfigError(f"{where}: `training.orpo_lambda` must be positive, got {lam}")
-        if d["task"] == "sft":
-            raise ConfigError(f"{where}: training.type: orpo needs preference data; "
-                              "set data.task=prompted_preference or data.task=preference")
-    if t["type"] == "sft" and d["task"] != "sft":
-        raise ConfigError(f"{where}: training.type: sft needs data.task=sft (got {d['task']})")
-    for key, op, bound in RANGES:
-        section, leaf = key.split(".")
-        value = cfg[section][leaf]
-        if value is not None and not BOUND_TESTS[op](value, bound):
-            raise ConfigError(f"{where}: `{key}` must be {op} {bound}, got {value}")
-    if d["max_prompt_length"] >= d["max_length"]:
-        raise ConfigError(f"{where}: `data.max_prompt_length` ({d['max_prompt_length']}) must be smaller "
-                          f"than `data.max_length` ({d['max_length']}) to leave room for the response")
+def set_key(cfg, key, value, where):
+    """Set one dotted key of the nested cfg, with a "did you mean" for an unknown one."""
+    keys = flat(DEFAULTS)
+    if isinstance(DEFAULTS.get(key), dict):
+        raise ConfigError(f"{where}: `{key}` is a section: give its keys, like {key}.{next(iter(DEFAULTS[key]))}")
+    if key not in keys:
+        close = difflib.get_close_matches(key, keys, n=1, cutoff=0.6)
+        raise ConfigError(f"{where}: unknown config key `{key}`;" +
+                          (f" did you mean `{close[0]}`?" if close else " `python train.py --help` lists them"))
+    *sections, leaf = key.split(".")
+    node = cfg
+    for section in sections:
+        node = node[section]
+    node[leaf] = check(key, value, where)
+
+
+def validate(cfg, where):
+    """The checks that involve more than one key."""
+    train, data = cfg["training"], cfg["data"]
+    if train["type"] == "orpo" and train["orpo_lambda"] is None:
+        raise ConfigError(f"{where}: `training.orpo_lambda` is required for training.type: orpo (the paper used "
+                          "0.1 to 0.25; 1.0 for ORPO alone); set e.g. training.orpo_lambda=0.1")
+    if (train["type"] == "sft") != (data["task"] == "sft"):
+        raise ConfigError(f"{where}: training.type: {train['type']} cannot train on data.task: {data['task']}; "
+                          "sft trains on data.task=sft, orpo on preference or prompted_preference")
+    if data["max_prompt_length"] >= data["max_length"]:
+        raise ConfigError(f"{where}: `data.max_prompt_length` ({data['max_prompt_length']}) must be smaller than "
+                          f"`data.max_length` ({data['max_length']}) to leave room for the response")
+    if 0 < cfg["sample"]["temperature"] < 0.01:
+        raise ConfigError(f"{where}: `sample.temperature` must be 0 (greedy) or in [0.01, 100], "
+                          f"got {cfg['sample']['temperature']}")
+    if cfg["run_name"] in ("", ".", "..") or not re.fullmatch(r"[\w.+-]+", cfg["run_name"]):
+        raise ConfigError(f"{where}: `run_name` must be a plain folder name (letters, digits, . _ + -), "
+                          f"got {cfg['run_name']!r}")
+    phases = train["phases"]
+    def good(phase):
+        return (isinstance(phase, dict) and set(phase) == {"step", "trainable"} and type(phase["step"]) is int
+                and isinstance(phase["trainable"], list) and phase["trainable"] and set(phase["trainable"]) <= set(GROUPS))
+    steps = [phase.get("step") if isinstance(phase, dict) else None for phase in phases]
+    if not (phases and all(good(phase) for phase in phases) and steps[0] == 0 and steps == sorted(set(steps))):
+        raise ConfigError(f"{where}: `training.phases` must be a list like [{{step: 0, trainable: [lora]}}] with steps "
+                          f"from 0 upwards and groups from {', '.join(GROUPS)}; got {phases!r}")
     return cfg
 
 
 def parse_args(argv):
-    """Split ['preset.yml', 'a.b=1', '--set', 'c=2', '--set=d=3'] into the preset path and overrides;
-    the seed tool's `--preset PATH` spelling is accepted too."""
-    preset, overrides, args = None, [], list(argv)
-    while args:
-        arg = args.pop(0)
-        if arg in ("--set", "--preset"):
-            if not args:
-                raise ConfigError(f"command line: `{arg}` needs a value after it (key=value or a preset path)")
-            if arg == "--set":
-                overrides.append(args.pop(0))
-            else:
-                preset = args.pop(0)
-        elif arg.startswith("--set="):
-            overrides.append(arg[len("--set="):])
-        elif "=" in arg:
-            overrides.append(arg)
-        elif preset is None and not arg.startswith("-"):
-            preset = arg
-        else:
-            raise ConfigError(f"command line: unexpected argument `{arg}`; "
-                              "usage: python train.py PRESET.yml [key=value ...]")
-    if preset is None:
-        raise ConfigError("command line: no preset given; usage: python train.py presets/orpo.yml [key=value ...]")
-    return preset, overrides
+    """Split ['preset.yml', 'a.b=1', ...] into the preset path and the overrides."""
+    presets = [a for a in argv if "=" not in a]
+    if len(presets) != 1 or presets[0].startswith("-"):
+        raise ConfigError("command line: usage: python train.py PRESET.yml [key=value ...] "
+                          "(python train.py --help lists the presets and keys)")
+    return presets[0], [a for a in argv if "=" in a]
 
 
 def load(path, overrides=()):
-    """Read a preset, apply key=value overrides, validate. Returns the resolved nested dict."""
+    """Read a preset, apply key=value overrides, check. Returns the resolved nested dict."""
     if not os.path.isfile(path):
-        raise ConfigError(f"{path}: preset file not found")
-    with open(path) as f:
-        try:
-            tree = yaml.safe_load(f) or {}
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            line = f":{mark.line + 1}" if mark else ""
-            raise ConfigError(f"{path}{line}: not valid YAML ({getattr(e, 'problem', e)})") from None
-    cfg = defaults()
-    _merge(cfg, tree, SCHEMA, path)
-    for o in overrides:
-        set_value(cfg, o)
+        raise ConfigError(f"{path}: preset file not found (presets/ has the shipped ones)")
+    if os.path.getsize(path) > 1 << 20:
+        raise ConfigError(f"{path}: a preset is at most 1 MB; this one is {os.path.getsize(path):,} bytes")
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise ConfigError(f"{path}:{line}: not UTF-8 text; save the preset as UTF-8") from None
+    tree = parse_yaml(text, path) or {}
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path}: a preset is a mapping of keys to values, like presets/orpo.yml")
+    cfg = copy.deepcopy(DEFAULTS)
+    for key, value in flat(tree).items():
+        set_key(cfg, key, value, path)
+    for assignment in overrides:
+        key, text = assignment.split("=", 1)
+        set_key(cfg, key.strip(), parse_yaml(text, f"`{assignment}`"), f"`{assignment}`")
     return validate(cfg, path + (" + overrides" if overrides else ""))
 
 
 def dump(cfg):
-    """The resolved config as YAML text, keys in schema order."""
+    """The resolved config as YAML text, keys in DEFAULTS' order."""
     return yaml.safe_dump(cfg, sort_keys=False, default_flow_style=False)
 
 
 def save(cfg, run_dir):
-    """Write the resolved config to run_dir/config.yml (atomically) and return the path."""
-    path = os.path.join(run_dir, "config.yml")
-    atomic_write(path, dump(cfg))
-    return path
+    """Write the resolved config to run_dir/config.yml (atomically)."""
+    atomic_write(os.path.join(run_dir, "config.yml"), dump(cfg))
 
+
+def help_text():
+    """What `python train.py --help` prints: the shipped presets, then every key as presets/orpo.yml sets it,
+    with the comment that explains it."""
+    folder = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "presets")
+    lines = ["usage: python train.py PRESET.yml [key=value ...]", "", "presets:"]
+    lines += [f"  presets/{name}" for name in sorted(os.listdir(folder)) if name.endswith(".yml")]
+    lines += ["", "keys, with their values in presets/orpo.yml (override any with key=value):"]
+    keys, section = flat(DEFAULTS), ""
+    with open(os.path.join(folder, "orpo.yml")) as f:
+        for line in f:
+            match = re.match(r"^( *)(\w+):\s*([^#]*?)\s*(?:#\s*(.*))?$", line)
+            if not match:
+                continue
+            indent, key, value, comment = match.groups()
+            if not indent:
+                section = "" if value else key + "."
+            if section + key in keys:
+                lines.append(f"  {section + key}={value or '...'}".ljust(40) + f" {comment or ''}")
+    return "\n".join(lines)
