@@ -47,7 +47,8 @@ def test_orpo_run_lowers_loss_and_writes_outputs(orpo_run):
     assert {"eval/pref_accuracy", "eval/rejected_logps", "eval/total_loss"} <= set(rows[-1])
     assert rows[-1]["train/total_loss"] == pytest.approx(rows[-1]["train/sft_loss"] + 1.0 * rows[-1]["train/orpo_loss"])
     assert (out / "orpo" / "config.yml").is_file()
-    assert sorted(os.listdir(out / "orpo" / "final")) == ["config.json", "model.safetensors", "tokenizer.json"]
+    assert sorted(os.listdir(out / "orpo" / "final")) == ["config.json", "config.yml", "metrics.jsonl", "model.safetensors",
+                                                     "tokenizer.json"]
     assert "example pair (trained tokens marked)" in stdout and "[sample] after training" in stdout
 
 

@@ -1,0 +1,199 @@
+"""The run folder, and the rules that keep a user's work safe in it.
+
+    outputs/<run_name>/config.yml      the resolved config
+                       metrics.jsonl   one JSON line per log step
+                       step_000100/    resumable checkpoints: the last training.keep_checkpoints of them
+                       final/          the trained model, written before anything optional runs
+
+Decisions:
+- A run folder belongs to one run. Starting a run in a folder that already holds one is refused; the way
+  to continue it is training.resume_from with its latest checkpoint. A run never writes inside the folder
+  its model or data come from.
+- A checkpoint records everything that decides the rest of the trajectory: every setting except those in
+  RESUMABLE, plus a hash of the data file and a fingerprint of the base model. Resuming with any other
+  difference is refused with the list of differences; a RESUMABLE key is applied from the new config.
+- Every write is atomic (minorpo/files.py), so a killed run leaves complete files and temporary names;
+  recover() puts an interrupted folder swap back and removes the temporary names at the next start.
+"""
+import hashlib
+import json
+import os
+import re
+import shutil
+import sys
+
+from minorpo.files import UserError, atomic_write
+
+STEP = re.compile(r"^step_(\d{6,})$")
+LEFTOVER = re.compile(r"^\.?(.+?)\.[0-9a-f]{8}\.(tmp|old)$")  # the temporary names of files.atomic_*
+RESUMABLE = ("run_name", "output_dir", "model_name", "device", "data.path", "data.eval_path",
+             "training.max_steps", "training.log_every", "training.eval_every", "training.save_every",
+             "training.keep_checkpoints", "training.resume_from", "training.max_bad_steps", "training.compile",
+             "training.gradient_checkpointing", "loss.head_chunk_size",
+             "sample.prompts", "sample.max_new_tokens", "sample.temperature", "sample.top_p")
+
+
+def checkpoints(run_dir):
+    """The complete step_NNNNNN checkpoints of a run folder, oldest first."""
+    if not os.path.isdir(run_dir):
+        return []
+    names = sorted(n for n in os.listdir(run_dir) if STEP.match(n))
+    return [os.path.join(run_dir, n) for n in names if os.path.isfile(os.path.join(run_dir, n, "state.json"))]
+
+
+def _inside(path, folder):
+    path, folder = os.path.realpath(path), os.path.realpath(folder)
+    return os.path.commonpath([path, folder]) == folder
+
+
+def check_run_folder(run_dir, resume_from, model_dir, data_paths):
+    """Refuse, in one line, every start that could overwrite a user's work."""
+    if _inside(run_dir, model_dir) or _inside(model_dir, run_dir):
+        raise UserError(f"run folder {run_dir} and model folder {model_dir} overlap: the run would write over "
+                        "its own input model; choose another run_name or output_dir")
+    for path in data_paths:
+        if _inside(path, run_dir):
+            raise UserError(f"the data file {path} is inside the run folder {run_dir}; move it or choose another "
+                            "run_name")
+    if not os.path.isdir(run_dir) or not os.listdir(run_dir):
+        return
+    last = checkpoints(run_dir)[-1] if checkpoints(run_dir) else None
+    if resume_from and last and os.path.realpath(resume_from) == os.path.realpath(last):
+        return
+    if resume_from and _inside(resume_from, run_dir):
+        raise UserError(f"{resume_from} is not the latest checkpoint of {run_dir} ({last}); resuming there would "
+                        f"mix two trajectories: resume from {last}, or copy it and resume into a new run_name")
+    way = f"training.resume_from={last}" if last else "nothing (it has no checkpoint: set training.save_every)"
+    raise UserError(f"{run_dir} already holds a run; choose a new run_name, or continue that run with {way}")
+
+
+def recover(run_dir):
+    """Undo what a killed run left: a folder swap stopped halfway is put back, temporary names are removed.
+    Returns a line per thing done."""
+    done = []
+    for name in sorted(os.listdir(run_dir)) if os.path.isdir(run_dir) else []:
+        match, path = LEFTOVER.match(name), os.path.join(run_dir, name)
+        if not match:
+            continue
+        target = os.path.join(run_dir, match.group(1))
+        if match.group(2) == "old" and not os.path.exists(target):
+            os.rename(path, target)  # the crash came between the two renames of atomic_folder
+            done.append(f"[recover] {target}: restored from {name}")
+            continue
+        shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+        done.append(f"[recover] removed {path}, left by a run that was killed while writing")
+    return done
+
+
+def rotate(run_dir, keep, protect=None):
+    """Delete all but the last `keep` checkpoints, never `protect` (the one this run resumed from)."""
+    for folder in checkpoints(run_dir)[:-keep]:
+        if not (protect and os.path.realpath(folder) == os.path.realpath(protect)):
+            shutil.rmtree(folder)
+
+
+def file_hash(path, sample_above=1 << 26):
+    """sha256 of a file; for a file over 64 MB (model weights), of its size and 64 KB at 16 places, so
+    identifying a base model costs milliseconds, not a read of gigabytes."""
+    digest, size = hashlib.sha256(), os.path.getsize(path)
+    with open(path, "rb") as f:
+        if size <= sample_above:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+        else:
+            digest.update(str(size).encode())
+            for i in range(16):
+                f.seek(i * (size - (1 << 16)) // 15)
+                digest.update(f.read(1 << 16))
+    return digest.hexdigest()[:16]
+
+
+def trajectory(flat_cfg, data_paths, model_files, world):
+    """What a checkpoint must agree on with the run that resumes it (flat keys, JSON values)."""
+    keys = {k: v for k, v in flat_cfg.items() if k not in RESUMABLE}
+    keys["data"] = "".join(file_hash(p) for p in data_paths)
+    keys["base model"] = file_hash(model_files[0]) + "".join(file_hash(p)[:4] for p in model_files[1:])
+    keys["ranks"] = world
+    return keys
+
+
+class MetricsLog:
+    """metrics.jsonl (one JSON line per log step), the readable log line on stdout, and a progress line on
+    stderr every few seconds: refreshed in place on a terminal, a plain line every 30 s when piped."""
+
+    def __init__(self, path, objective, enabled=True):
+        self.path, self.objective, self.enabled, self.shown = path, objective, enabled, 0.0
+
+    def keep_up_to(self, step):
+        """On resume: keep the rows up to the checkpoint's step; a line cut by a crash is dropped."""
+        rows, warnings = [], []
+        if self.enabled and os.path.isfile(self.path):
+            with open(self.path, encoding="utf-8", errors="replace") as f:
+                for number, line in enumerate(f, 1):
+                    try:
+                        row = json.loads(line)
+                    except json.JSONDecodeError:
+                        warnings.append(f"[warning] {self.path}:{number}: an unreadable line (cut by a crash?) "
+                                        "is dropped")
+                        continue
+                    if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= step:
+                        rows.append(json.dumps(row) + "\n")
+            atomic_write(self.path, "".join(rows))
+        return warnings
+
+    def write(self, row, eta=None):
+        """Print one readable line and append the same numbers as one JSON line."""
+        line = f"step {row['step']:5d}"
+        if "train/total_loss" in row:
+            line += f" | loss {row['train/total_loss']:.4f} | sft {row['train/sft_loss']:.4f}"
+            if self.objective == "orpo":
+                line += (f" | or {row['train/orpo_loss']:.4f} | log_odds {row['train/log_odds']:+.3f}"
+                         f" | acc {row['train/pref_accuracy']:.2f}")
+            line += (f" | lr {row['train/lr']:.2e} | grad {row['train/grad_norm']:.2f}"
+                     f" | {row['train/tokens_per_s']:,.0f} tok/s")
+            line += f" | mem {row['train/memory_gb']:.1f} GB" if "train/memory_gb" in row else ""
+            line += f" | eta {eta:.0f}s" if eta is not None else ""
+        if "eval/pref_accuracy" in row:
+            line += (f" || eval acc {row['eval/pref_accuracy']:.3f} | chosen {row['eval/chosen_logps']:.3f}"
+                     f" | rejected {row['eval/rejected_logps']:.3f}")
+        if self.enabled:
+            print(line, flush=True)
+            with open(self.path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+
+    def progress(self, step, max_steps, metrics, elapsed):
+        tty = sys.stderr.isatty()
+        if not self.enabled or elapsed - self.shown < (2 if tty else 30) and step < max_steps:
+            return
+        self.shown = elapsed
+        eta = elapsed / max(step, 1) * (max_steps - step)
+        line = f"[progress] step {step}/{max_steps} | loss {metrics.get('total_loss', float('nan')):.4f} | " \
+               f"{elapsed:.0f}s elapsed | eta {eta:.0f}s"
+        print(f"\r{line}\033[K" if tty else line, end="\n" if not tty or step == max_steps else "",
+              file=sys.stderr, flush=True)
+
+    def copy_to(self, folder, config_path):
+        """Put metrics.jsonl and config.yml beside the final model, so final/ tells how it was made."""
+        for path in (self.path, config_path):
+            if os.path.isfile(path):
+                shutil.copyfile(path, os.path.join(folder, os.path.basename(path)))
+
+
+def resume_command(argv, folder):
+    """The command line that continues this run from `folder`."""
+    kept = [a for a in argv if not a.startswith("training.resume_from=")]
+    return " ".join(["python", *kept, f"training.resume_from={folder}"])
+
+
+def excepthook(kind, error, tb):
+    """Mistakes in what the user gave, a full disk and Ctrl-C end in one line; anything else is a bug in
+    minorpo and keeps its traceback."""
+    if issubclass(kind, UserError):
+        print(f"error: {error}", file=sys.stderr)
+    elif issubclass(kind, OSError):
+        print(f"error: {error.strerror or error}: {error.filename or ''} (the files written before this one are "
+              "complete: every write is atomic)", file=sys.stderr)
+    elif issubclass(kind, KeyboardInterrupt):
+        print("interrupted", file=sys.stderr)
+    else:
+        sys.__excepthook__(kind, error, tb)
