@@ -32,7 +32,7 @@ class Policy(nn.Module):
 
     def forward(self, input_ids, labels):
         hidden = self.model.hidden_states(input_ids)  # (N, T, H)
-        return L.token_logps(hidden, self.model.lm_head.weight, labels, self.chunk_size)
+        return L.chunked_label_logps(hidden, self.model.lm_head.weight, labels, self.chunk_size)
 
 
 def adamw(trained, lr, weight_decay, fused):
