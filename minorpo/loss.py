@@ -1,22 +1,17 @@
-"""The ORPO and SFT losses: per-token log-probs from the output head, sequence log-probs, odds ratio.
+"""The ORPO and SFT losses as the paper writes them, then the output head that computes them cheaply.
 
 Reference: Hong, Lee, Thorne 2024, "ORPO: Monolithic Preference Optimization without Reference
 Model", arXiv:2403.07691. Eq. 2 (L_SFT), Eq. 3 (length-normalised log P), Eq. 4-5 (odds, odds ratio),
 Eq. 6-7 (L_ORPO = L_SFT + lambda * L_OR), Eq. 8-10 (the gradient of L_OR).
 
+Read in order: label_logps (the definition, from full logits) down to sft_loss; then the one training
+uses, chunked_label_logps: the same numbers from hidden states, never holding the full logits.
+
 Decisions:
-- The output head runs only at label positions, in chunks, inside one autograd.Function that saves
-  its inputs and recomputes each chunk's logits in backward. Full logits for 16 rows x 1024 tokens x
-  Qwen's 151,936-token vocabulary are 10 GB in fp32, and plain chunking under autograd would still
-  keep them all for backward; here the head's extra memory is one chunk, whatever the batch size.
-  The matmul runs in the inputs' dtype (bf16 under autocast), log-softmax always in fp32.
-- L_SFT covers the chosen response only: prompt tokens and the rejected response are masked, as the
-  seed documentation says (training on rejected answers would teach bad answers). TRL's ORPO trainer
-  includes the prompt tokens in L_SFT; the paper's code has a switch for it; minorpo masks the prompt.
-- Gradient accumulation is exact: the NLL is divided by the chosen-token count of the whole optimizer
-  batch and the odds-ratio term by its pair count, both passed in, so k micro-batches give the
-  gradient of one batch. The returned metrics are normalised by the same counts, so they too SUM
-  over micro-batches (and over data-parallel ranks) to the whole batch's values.
+- L_SFT is the NLL of the chosen response only: prompt tokens and the rejected response are masked
+  (training on rejected answers would teach bad answers). How it averages, and why: orpo_loss.
+- The normalisers are passed in: the NLL is divided by the chosen-token count of the whole optimizer
+  batch, L_OR by its pair count, so micro-batch losses and metrics SUM to the whole batch's (step.py).
 - A row without label tokens is an error, not a NaN: the data module filters such rows, and a mean
   over zero tokens is 0/0, whose NaN gradient would ruin the weights.
 
@@ -53,67 +48,16 @@ def _at_least_fp32(dtype):
     return torch.promote_types(dtype, torch.float32)  # bf16 -> fp32; fp64 (gradcheck) stays fp64
 
 
-class _LabelLogps(torch.autograd.Function):
-    """log p(target | h) = h·w_target - logsumexp(h·W^T) per row, chunked, recomputed in backward."""
+def label_logps(logits, labels):
+    """log p(y_t | x, y<t) of every label token, from the full logits: the definition.
 
-    @staticmethod
-    @torch.amp.custom_fwd(device_type="cuda")
-    def forward(ctx, hidden_rows, head_weight, targets, chunk_size):
-        logps = hidden_rows.new_empty(len(targets), dtype=_at_least_fp32(hidden_rows.dtype))
-        logsumexps = torch.empty_like(logps)
-        for start in range(0, len(targets), chunk_size):
-            rows = slice(start, start + chunk_size)
-            logits = hidden_rows[rows] @ head_weight.T  # (chunk, V), the only big tensor
-            logits = logits.to(_at_least_fp32(logits.dtype))
-            logsumexps[rows] = torch.logsumexp(logits, dim=-1)
-            logps[rows] = logits.gather(1, targets[rows, None]).squeeze(1) - logsumexps[rows]
-        ctx.save_for_backward(hidden_rows, head_weight, targets, logsumexps)
-        ctx.chunk_size = chunk_size
-        return logps
-
-    @staticmethod
-    @torch.amp.custom_bwd(device_type="cuda")
-    def backward(ctx, grad_logps):
-        hidden_rows, head_weight, targets, logsumexps = ctx.saved_tensors
-        needs_hidden_grad, needs_weight_grad = ctx.needs_input_grad[:2]
-        grad_hidden = torch.empty_like(hidden_rows) if needs_hidden_grad else None
-        # A frozen head (LoRA training) skips the (V x H) gradient; a trainable one accumulates in fp32.
-        grad_weight = (torch.zeros(head_weight.shape, dtype=_at_least_fp32(head_weight.dtype),
-                                   device=head_weight.device) if needs_weight_grad else None)
-        for start in range(0, len(targets), ctx.chunk_size):
-            rows = slice(start, start + ctx.chunk_size)
-            g = grad_logps[rows]
-            logits = hidden_rows[rows] @ head_weight.T  # recomputed, as in forward
-            matmul_dtype = logits.dtype
-            # d log softmax(z)_y / dz = onehot(y) - softmax(z), so grad_logits = g * (onehot - softmax)
-            grad_logits = logits.to(_at_least_fp32(matmul_dtype))
-            grad_logits.sub_(logsumexps[rows, None]).exp_().mul_(-g[:, None])  # in place: one chunk
-            grad_logits[torch.arange(len(g), device=g.device), targets[rows]] += g
-            grad_logits = grad_logits.to(matmul_dtype)
-            if needs_hidden_grad:
-                grad_hidden[rows] = grad_logits @ head_weight  # (chunk, H)
-            if needs_weight_grad:
-                grad_weight += grad_logits.T @ hidden_rows[rows]  # (V, H)
-        if needs_weight_grad:
-            grad_weight = grad_weight.to(head_weight.dtype)
-        return grad_hidden, grad_weight, None, None
-
-
-def token_logps(hidden, head_weight, labels, chunk_size=4096):
-    """Log-probabilities of the label tokens, computed only where a label is set.
-
-    hidden (N, T, H) final hidden states, head_weight (V, H), labels (N, T) aligned with the input
-    ids, IGNORE_INDEX where nothing is trained. Position t's hidden state predicts label t+1; the
-    shift happens here. Returns logps (N, T-1) fp32, 0 where ignored, and mask (N, T-1) bool.
-    Gradients reach hidden, and head_weight when head_weight.requires_grad.
-    """
-    # log p(y_t | x, y<t) = z_t[y_t] - logsumexp(z_t), z_t = W h_{t-1}: the summand of Eq. 2 and 3
+    logits (N, T, V); labels (N, T), IGNORE_INDEX where nothing is trained; position t predicts label
+    t+1. Returns logps (N, T-1), at least fp32, 0 where ignored, and mask (N, T-1) bool."""
     labels = labels[:, 1:]  # (N, T-1)
     mask = labels != IGNORE_INDEX
-    hidden_rows = hidden[:, :-1][mask]  # (M, H), M = number of label tokens
-    label_logps = _LabelLogps.apply(hidden_rows, head_weight, labels[mask], chunk_size)  # (M,)
-    logps = label_logps.new_zeros(mask.shape)
-    return logps.masked_scatter(mask, label_logps), mask
+    log_probs = F.log_softmax(logits[:, :-1].to(_at_least_fp32(logits.dtype)), dim=-1)  # (N, T-1, V)
+    logps = log_probs.gather(2, labels.clamp(min=0)[..., None]).squeeze(2)  # the label's log-prob
+    return logps.masked_fill(~mask, 0.0), mask
 
 
 def _check_every_row_has_labels(mask):
@@ -127,11 +71,8 @@ def _check_every_row_has_labels(mask):
 
 
 def sequence_logps(token_logps, mask, reduction="mean"):
-    """Per-sequence log-prob of the response: (N, T-1) token log-probs and mask -> (N,).
-
-    reduction "mean" is the paper's length-normalised log P (Eq. 3); "sum" is the plain sequence
-    log-likelihood, kept to show why the paper normalises (see the module docstring).
-    """
+    """Per-sequence log-prob of the response, (N, T-1) -> (N,). "mean" is the paper's length-normalised
+    log P (Eq. 3); "sum" the plain log-likelihood, kept to show why the paper normalises (see above)."""
     _check_every_row_has_labels(mask)
     # Eq. 3: log P(y|x) = (1/m) sum_t log p(y_t | x, y<t) over the m response tokens
     summed = (token_logps * mask).sum(dim=1)
@@ -145,12 +86,10 @@ def sequence_logps(token_logps, mask, reduction="mean"):
 def log1mexp(x):
     """log(1 - e^x) for x < 0, accurate everywhere (Maechler 2012, "Accurately Computing log(1-exp(-|a|))").
 
-    Near 0, 1 - e^x cancels: log(-expm1(x)) keeps its digits. Far from 0, e^x is small and
-    log1p(-e^x) is exact. The switch is at x = -ln 2. Each branch sees a clamped input, so the one
-    torch.where discards can produce no inf whose gradient (0 * inf) would turn into NaN.
-    x is capped at minus the smallest normal float: a response the model is sure of has mean
-    log-prob exactly 0.0 in fp32, and log1mexp(0) = -inf would make the log odds inf, L_OR's
-    gradient NaN. Naive log1p(-exp(x)) is -inf in fp32 for every x > -3e-8.
+    Near 0, 1 - e^x cancels: log(-expm1(x)) keeps its digits (naive log1p(-exp(x)) is -inf in fp32 for
+    every x > -3e-8). Far from 0, e^x is small and log1p(-e^x) is exact; the switch is at -ln 2. Each
+    branch sees a clamped input, so the branch torch.where discards makes no inf whose gradient (0 * inf)
+    would be NaN. x is capped at minus the smallest normal float, so log1mexp(0) is finite (log_odds).
     """
     x = x.clamp(max=-torch.finfo(x.dtype).tiny)
     near_zero = x > -math.log(2)
@@ -161,7 +100,10 @@ def log1mexp(x):
 
 def log_odds(seq_logps):
     """log odds(y|x) from log P(y|x), elementwise."""
-    # Eq. 4: odds(y|x) = P / (1 - P), so log odds = log P - log(1 - P)
+    # Eq. 4: odds(y|x) = P / (1 - P), so log odds = log P - log(1 - P).
+    # P = 1 exactly (mean log-prob 0.0: fp32 gets there when every target logit is far above the rest)
+    # means log(1 - P) = log1mexp(0) = -inf, log odds +inf and a NaN gradient. log1mexp caps its input
+    # at -1.2e-38 (fp32's smallest normal float), so log(1 - P) is about -87, the log odds about +87.
     return seq_logps - log1mexp(seq_logps)
 
 
@@ -183,7 +125,7 @@ def orpo_loss(token_logps, mask, orpo_lambda, reduction="mean", num_chosen_token
               num_pairs=None):
     """The ORPO objective (Eq. 6) over 2P rows: P chosen rows, then the P rejected rows in the same order.
 
-    token_logps (2P, T-1) and mask (2P, T-1) come from token_logps(). num_chosen_tokens and
+    token_logps (2P, T-1) and mask (2P, T-1) as label_logps returns them. num_chosen_tokens and
     num_pairs are the counts of the whole optimizer batch (all micro-batches; all ranks if the
     gradients are summed over ranks); they default to this batch's own counts. Returns the loss
     (a scalar with gradient) and detached scalar metrics, each normalised by those counts so that
@@ -204,7 +146,12 @@ def orpo_loss(token_logps, mask, orpo_lambda, reduction="mean", num_chosen_token
     num_chosen_tokens = chosen_mask.sum() if num_chosen_tokens is None else num_chosen_tokens
     num_pairs = pairs if num_pairs is None else num_pairs
 
-    # Eq. 2, chosen response only: L_SFT = -(1/m) sum_t log p(y_w,t | x, y_w,<t)
+    # L_SFT = -(sum of log p(y_w,t | x, y_w,<t) over every chosen token of the batch) / (their count).
+    # The paper's Eq. 2 averages over each sequence's tokens, then (Eq. 6's expectation) over sequences,
+    # so every answer weighs the same. This is a token-weighted mean over the batch, the usual causal-LM
+    # loss, in which a long answer weighs more; its numerator and denominator are plain sums, which is
+    # what makes gradient accumulation and DDP exact. TRL's ORPOTrainer also counts the prompt tokens
+    # in its NLL, as does the paper's code unless --disable_prompt_loss is set.
     sft = -(token_logps[:pairs] * chosen_mask).sum() / num_chosen_tokens
     or_losses, log_odds_ratio = odds_ratio_loss(chosen_logps, rejected_logps)
     orpo = or_losses.sum() / num_pairs
@@ -221,15 +168,74 @@ def orpo_loss(token_logps, mask, orpo_lambda, reduction="mean", num_chosen_token
 
 
 def sft_loss(token_logps, mask, num_tokens=None):
-    """Token-mean NLL over every labelled token of every row (training.type sft), Eq. 2.
-
-    num_tokens is the label-token count of the whole optimizer batch (defaults to this batch's), so
-    micro-batch losses and metrics sum to the whole batch's. Returns the loss and detached metrics
-    sft_loss and total_loss (the same number: there is no second term).
-    """
+    """orpo_loss's token-weighted L_SFT over every row (training.type sft); num_tokens as there.
+    Returns the loss and detached metrics sft_loss and total_loss (the same: there is no second term)."""
     _check_every_row_has_labels(mask)
     num_tokens = mask.sum() if num_tokens is None else num_tokens
-    # Eq. 2: L_SFT = -(1/m) sum_t log p(y_t | x, y<t)
     loss = -(token_logps * mask).sum() / num_tokens
-    value = loss.detach()
-    return loss, {"sft_loss": value, "total_loss": value}
+    return loss, {"sft_loss": loss.detach(), "total_loss": loss.detach()}
+
+
+# ---- The optimisation: the output head at label positions only, chunk by chunk ----
+
+class _ChunkedHead(torch.autograd.Function):
+    """log p(target | h) = h·w_target - logsumexp(h·W^T) per row, chunked, recomputed in backward.
+
+    Full logits for 16 rows x 1024 tokens x Qwen's 151,936-token vocabulary are 10 GB in fp32, and plain
+    chunking under autograd would still keep every chunk for backward. This saves only the inputs and
+    recomputes each chunk's logits in backward: the head's extra memory is one chunk, whatever the
+    batch size. The matmul runs in the inputs' dtype (bf16 under autocast), the softmax in fp32.
+    """
+
+    @staticmethod
+    @torch.amp.custom_fwd(device_type="cuda")
+    def forward(ctx, hidden_rows, head_weight, targets, chunk_size):
+        logps = hidden_rows.new_empty(len(targets), dtype=_at_least_fp32(hidden_rows.dtype))
+        logsumexps = torch.empty_like(logps)
+        for start in range(0, len(targets), chunk_size):
+            rows = slice(start, start + chunk_size)
+            logits = (hidden_rows[rows] @ head_weight.T).to(logps.dtype)  # (chunk, V), the only big tensor
+            logsumexps[rows] = torch.logsumexp(logits, dim=-1)
+            logps[rows] = logits.gather(1, targets[rows, None]).squeeze(1) - logsumexps[rows]
+        ctx.save_for_backward(hidden_rows, head_weight, targets, logsumexps)
+        ctx.chunk_size = chunk_size
+        return logps
+
+    @staticmethod
+    @torch.amp.custom_bwd(device_type="cuda")
+    def backward(ctx, grad_logps):
+        hidden_rows, head_weight, targets, logsumexps = ctx.saved_tensors
+        needs_hidden_grad, needs_weight_grad = ctx.needs_input_grad[:2]
+        grad_hidden = torch.empty_like(hidden_rows) if needs_hidden_grad else None
+        # A frozen head (LoRA training) skips the (V x H) gradient; a trainable one accumulates in fp32.
+        grad_weight = (torch.zeros(head_weight.shape, dtype=_at_least_fp32(head_weight.dtype),
+                                   device=head_weight.device) if needs_weight_grad else None)
+        for start in range(0, len(targets), ctx.chunk_size):
+            rows = slice(start, start + ctx.chunk_size)
+            grad_rows = grad_logps[rows, None]  # (chunk, 1)
+            logits = hidden_rows[rows] @ head_weight.T  # recomputed, as in forward
+            # d log softmax(z)_y / dz = onehot(y) - softmax(z), so grad_logits = grad * (onehot - softmax)
+            grad_logits = logits.to(logsumexps.dtype).sub_(logsumexps[rows, None]).exp_().mul_(-grad_rows)
+            grad_logits.scatter_add_(1, targets[rows, None], grad_rows)  # in place: one chunk in memory
+            grad_logits = grad_logits.to(logits.dtype)
+            if needs_hidden_grad:
+                grad_hidden[rows] = grad_logits @ head_weight  # (chunk, H)
+            if needs_weight_grad:
+                grad_weight += grad_logits.T @ hidden_rows[rows]  # (V, H)
+        if needs_weight_grad:
+            grad_weight = grad_weight.to(head_weight.dtype)
+        return grad_hidden, grad_weight, None, None
+
+
+def chunked_label_logps(hidden, head_weight, labels, chunk_size=4096):
+    """label_logps(hidden @ head_weight.T, labels), computing the head only where a label is set.
+
+    hidden (N, T, H) final hidden states, head_weight (V, H), labels (N, T). Returns what label_logps
+    returns: logps (N, T-1), at least fp32, 0 where ignored, and mask (N, T-1) bool. Gradients reach
+    hidden, and head_weight when head_weight.requires_grad.
+    """
+    labels = labels[:, 1:]  # (N, T-1)
+    mask = labels != IGNORE_INDEX
+    hidden_rows = hidden[:, :-1][mask]  # (M, H), M = number of label tokens
+    logps = _ChunkedHead.apply(hidden_rows, head_weight, labels[mask], chunk_size)  # (M,)
+    return logps.new_zeros(mask.shape).masked_scatter(mask, logps), mask

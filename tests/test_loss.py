@@ -1,8 +1,8 @@
 """Loss: checked against values derived by hand from the paper's formulas, never from the code.
 
 Reference values come from the paper's Eq. 3-10 evaluated in 40-digit decimal arithmetic (`dec_*`
-below) or from a plain full-logits computation. a and b are the chosen and rejected sequence
-log-probs, log P(y_w|x) and log P(y_l|x).
+below) or by hand. The chunked head is checked against loss.label_logps, the plain full-logits
+definition. a and b are the chosen and rejected sequence log-probs, log P(y_w|x) and log P(y_l|x).
 """
 import math
 from decimal import Decimal, getcontext
@@ -11,8 +11,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from minorpo.loss import (IGNORE_INDEX, LOGP_SUM_WARNING, log1mexp, log_odds, odds_ratio_loss,
-                          orpo_loss, sequence_logps, sft_loss, token_logps)
+from minorpo.loss import (IGNORE_INDEX, LOGP_SUM_WARNING, chunked_label_logps, label_logps, log1mexp, log_odds,
+                          odds_ratio_loss, orpo_loss, sequence_logps, sft_loss)
 
 getcontext().prec = 40
 LN2 = 0.6931471805599453
@@ -33,14 +33,35 @@ def pair(a, b, dtype=torch.float64):
             torch.tensor([b], dtype=dtype, requires_grad=True))
 
 
+# ---- label log-probs from full logits ----
+
+def test_label_logps_reads_the_next_token_and_zeroes_ignored_positions():
+    # vocabulary of 2; logits [0, ln 3] give p = [1/4, 3/4], logits [ln 3, 0] give [3/4, 1/4]
+    ln3 = math.log(3)
+    logits = torch.tensor([[[0.0, ln3], [ln3, 0.0], [0.0, 0.0]]], dtype=torch.float64)  # (1, 3, 2)
+    logps, mask = label_logps(logits, torch.tensor([[IGNORE_INDEX, 1, 1]]))
+    assert mask.tolist() == [[True, True]]
+    torch.testing.assert_close(logps, torch.tensor([[math.log(3 / 4), math.log(1 / 4)]], dtype=torch.float64))
+    logps, mask = label_logps(logits, torch.tensor([[IGNORE_INDEX, IGNORE_INDEX, 0]]))
+    assert mask.tolist() == [[False, True]]
+    assert logps.tolist() == [[0.0, pytest.approx(math.log(3 / 4))]]
+
+
+def test_label_logps_of_bf16_logits_are_fp32():
+    logps, _ = label_logps(torch.zeros(1, 3, 4, dtype=torch.bfloat16), torch.tensor([[0, 1, 2]]))
+    assert logps.dtype == torch.float32
+    torch.testing.assert_close(logps, torch.full((1, 2), -math.log(4)))
+
+
 # ---- the odds-ratio loss, Eq. 4-10 ----
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("a", [-0.01, -0.5, -1.0, -3.0, -20.0])
-def test_equal_logps_give_ln2(a, dtype):
+def test_equal_logps_give_log_odds_ratio_0_and_loss_ln2(a, dtype):
     # log OR = 0, so L_OR = -log sigma(0) = ln 2 whatever the odds
     losses, log_odds_ratio = odds_ratio_loss(*pair(a, a, dtype))
-    assert abs(losses.item() - LN2) < 1e-6 and log_odds_ratio.item() == 0.0
+    assert log_odds_ratio.item() == 0.0
+    assert abs(losses.item() - LN2) < 1e-6
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -65,15 +86,16 @@ def test_hand_values_at_minus_point_two_minus_point_three():
 
 
 def test_gradient_is_minus_delta_times_h_of_eq_8_to_10():
-    # Through a parametrised model: d L_OR / d theta = -delta(d) * h(d), with
+    # Through the full-logits path: d L_OR / d theta = -delta(d) * h(d), with
     # delta = 1 / (1 + odds(y_w)/odds(y_l)) (Eq. 9), h = dlogP_w/(1 - P_w) - dlogP_l/(1 - P_l) (Eq. 10).
     # The paper's Eq. 8 writes delta * h; the minus of Eq. 7 (L_OR = -log sigma) was dropped there.
     torch.manual_seed(0)
-    theta = torch.randn(2, 5, 7, dtype=torch.float64, requires_grad=True)  # logits: 2 responses x 5 tokens
-    tokens = torch.randint(0, 7, (2, 5))
+    theta = torch.randn(2, 6, 7, dtype=torch.float64, requires_grad=True)  # logits: 2 responses x 5 tokens
+    labels = torch.randint(0, 7, (2, 6))
+    labels[:, 0] = IGNORE_INDEX  # the prompt
 
     def logps():
-        return F.log_softmax(theta, -1).gather(2, tokens[..., None]).squeeze(2).mean(1)  # Eq. 3
+        return sequence_logps(*label_logps(theta, labels))  # Eq. 3, (2,)
 
     losses, _ = odds_ratio_loss(logps()[:1], logps()[1:])
     (grad,) = torch.autograd.grad(losses.sum(), theta)
@@ -86,7 +108,7 @@ def test_gradient_is_minus_delta_times_h_of_eq_8_to_10():
     assert not torch.allclose(grad, delta * h)
 
 
-def test_gradcheck_odds_ratio_loss():
+def test_odds_ratio_loss_passes_gradcheck():
     a = torch.tensor([-0.05, -0.7, -2.0, -9.0], dtype=torch.float64, requires_grad=True)
     b = torch.tensor([-0.3, -0.69, -4.0, -1e-3], dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda a, b: odds_ratio_loss(a, b)[0], (a, b))
@@ -94,32 +116,39 @@ def test_gradcheck_odds_ratio_loss():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("a", [-1e-2, -1e-4, -1e-6, -1e-8])
-def test_chosen_gradient_stays_finite_as_p_tends_to_one(a, dtype):
+def test_chosen_gradient_matches_its_closed_form_and_tends_to_minus_odds_rejected(a, dtype):
     # dL/da = -odds_l / (odds_l (1 - P_a) + P_a), which tends to -odds(y_l) as a -> 0-, never inf.
     b = -1.0
     a_t, b_t = pair(a, b, dtype)
     odds_ratio_loss(a_t, b_t)[0].sum().backward()
     pa, odds_l = Decimal(a_t.item()).exp(), dec_odds(b)
     expected = float(-odds_l / (odds_l * (1 - pa) + pa))
-    assert math.isfinite(a_t.grad.item()) and math.isfinite(b_t.grad.item())
+    assert math.isfinite(b_t.grad.item())
     assert abs(a_t.grad.item() - expected) < (1e-5 if dtype == torch.float32 else 1e-12)
     assert abs(expected - float(-odds_l)) < 1e-1
 
 
-def test_certain_response_is_finite():
+@pytest.mark.parametrize("value", ["loss", "log_odds_ratio", "chosen_grad", "rejected_grad"])
+def test_response_with_probability_one_gives_finite_values(value):
     # A mean log-prob of exactly 0.0 happens in fp32 (every target logit far above the rest).
     a, b = pair(0.0, -1.0, torch.float32)
     losses, log_odds_ratio = odds_ratio_loss(a, b)
     losses.sum().backward()
-    for value in (losses, log_odds_ratio, a.grad, b.grad):
-        assert torch.isfinite(value).all()
+    got = {"loss": losses, "log_odds_ratio": log_odds_ratio, "chosen_grad": a.grad, "rejected_grad": b.grad}
+    assert torch.isfinite(got[value]).all()
+
+
+def test_probability_one_has_log_odds_minus_log_of_the_smallest_normal_float():
+    # log1mexp caps log P at -tiny, so log(1 - P) = log(tiny) = -87.34 in fp32: log odds = +87.34
+    expected = -math.log(torch.finfo(torch.float32).tiny)
+    assert abs(log_odds(torch.tensor(0.0)).item() - expected) < 1e-4
 
 
 # ---- log1mexp ----
 
 @pytest.mark.parametrize("x", [-0.1, -1e-4, -1e-8, -0.69, -0.70, -5.0, -50.0])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_log1mexp_against_high_precision(x, dtype):
+def test_log1mexp_value_and_gradient_match_high_precision(x, dtype):
     x_t = torch.tensor(x, dtype=dtype, requires_grad=True)
     exact_x = Decimal(x_t.item())  # the value the dtype actually holds
     expected = (1 - exact_x.exp()).ln()
@@ -152,26 +181,49 @@ def rows_of(*responses):
     return logps, mask
 
 
-def test_mean_is_length_invariant_and_sum_is_not():
-    chosen, rejected = [-0.3, -1.2, -0.6], [-0.9, -1.5, -0.7, -1.1]
-    for reduction in ("mean", "sum"):
-        base = orpo_loss(*rows_of(chosen, rejected), 0.1, reduction)[1]["orpo_loss"]
-        doubled = orpo_loss(*rows_of(chosen * 2, rejected), 0.1, reduction)[1]["orpo_loss"]  # same mean
-        assert (abs(base - doubled) < 1e-12) if reduction == "mean" else (abs(base - doubled) > 0.1)
+CHOSEN, REJECTED = [-0.3, -1.2, -0.6], [-0.9, -1.5, -0.7, -1.1]
 
 
-def test_sum_turns_length_into_a_log_odds_ratio_of_60():
-    short, long = [-1.0] * 200, [-1.0] * 260
-    _, m = orpo_loss(*rows_of(short, long), 0.1, "sum")
-    assert abs(m["log_odds"] - 60) < 1e-9 and m["orpo_loss"] < 1e-25  # ln(1 + e^-60): no gradient
-    _, m = orpo_loss(*rows_of(long, short), 0.1, "sum")
-    assert abs(m["log_odds"] + 60) < 1e-9 and abs(m["orpo_loss"] - 60) < 1e-9
-    _, m = orpo_loss(*rows_of(long, short), 0.1, "mean")
-    assert abs(m["log_odds"]) < 1e-12 and abs(m["orpo_loss"] - LN2) < 1e-12
-    assert "sum" in LOGP_SUM_WARNING and "60" in LOGP_SUM_WARNING
+def or_loss_with_chosen_repeated(repeats, reduction):
+    """L_OR when the chosen response is repeated `repeats` times: the same per-token mean, longer."""
+    return orpo_loss(*rows_of(CHOSEN * repeats, REJECTED), 0.1, reduction)[1]["orpo_loss"]
 
 
-def test_sequence_logps_mean_and_sum():
+def test_mean_orpo_loss_ignores_the_length_of_a_response():
+    assert abs(or_loss_with_chosen_repeated(1, "mean") - or_loss_with_chosen_repeated(2, "mean")) < 1e-12
+
+
+def test_sum_orpo_loss_changes_with_the_length_of_a_response():
+    assert abs(or_loss_with_chosen_repeated(1, "sum") - or_loss_with_chosen_repeated(2, "sum")) > 0.1
+
+
+SHORT, LONG = [-1.0] * 200, [-1.0] * 260  # equal quality: -1.0 per token
+
+
+def test_sum_gives_the_shorter_chosen_answer_log_odds_ratio_60_and_no_loss():
+    _, metrics = orpo_loss(*rows_of(SHORT, LONG), 0.1, "sum")
+    assert abs(metrics["log_odds"] - 60) < 1e-9
+    assert metrics["orpo_loss"] < 1e-25  # ln(1 + e^-60): no gradient
+
+
+def test_sum_gives_the_longer_chosen_answer_log_odds_ratio_minus_60_and_loss_60():
+    _, metrics = orpo_loss(*rows_of(LONG, SHORT), 0.1, "sum")
+    assert abs(metrics["log_odds"] + 60) < 1e-9
+    assert abs(metrics["orpo_loss"] - 60) < 1e-9
+
+
+def test_mean_gives_answers_of_equal_quality_log_odds_ratio_0_and_loss_ln2():
+    _, metrics = orpo_loss(*rows_of(LONG, SHORT), 0.1, "mean")
+    assert abs(metrics["log_odds"]) < 1e-12
+    assert abs(metrics["orpo_loss"] - LN2) < 1e-12
+
+
+def test_sum_warning_names_the_setting_and_the_log_odds_ratio_of_60():
+    assert "logp_reduction=sum" in LOGP_SUM_WARNING
+    assert "log OR = +60 or -60" in LOGP_SUM_WARNING
+
+
+def test_sequence_logps_sum_and_mean_by_hand():
     logps, mask = rows_of([-1.0, -2.0], [-3.0, -1.0, -2.0])
     assert sequence_logps(logps, mask, "sum").tolist() == [-3.0, -6.0]
     assert sequence_logps(logps, mask, "mean").tolist() == [-1.5, -2.0]
@@ -180,15 +232,26 @@ def test_sequence_logps_mean_and_sum():
 def test_orpo_metrics_by_hand():
     # pairs: (chosen -1, rejected -2) and (chosen [-2, -4] mean -3, rejected -1)
     logps, mask = rows_of([-1.0], [-2.0, -4.0], [-2.0], [-1.0])
-    loss, m = orpo_loss(logps, mask, orpo_lambda=0.5)
-    sft = (1 + 2 + 4) / 3  # chosen tokens only, token mean (Eq. 2)
-    lors = [float(dec_log_odds(-1.0) - dec_log_odds(-2.0)), float(dec_log_odds(-3.0) - dec_log_odds(-1.0))]
-    orpo = sum(math.log1p(math.exp(-r)) for r in lors) / 2
-    assert abs(m["sft_loss"] - sft) < 1e-12 and abs(m["orpo_loss"] - orpo) < 1e-12
-    assert abs(loss.item() - (sft + 0.5 * orpo)) < 1e-12 and abs(m["total_loss"] - loss.item()) < 1e-12
-    assert abs(m["log_odds"] - sum(lors) / 2) < 1e-12 and m["pref_accuracy"] == 0.5
-    assert m["chosen_logps"] == -2.0 and m["rejected_logps"] == -1.5
-    assert not any(v.requires_grad for v in m.values())
+    loss, metrics = orpo_loss(logps, mask, orpo_lambda=0.5)
+    sft = (1 + 2 + 4) / 3  # chosen tokens only, token-weighted mean over the batch
+    log_ors = [float(dec_log_odds(-1.0) - dec_log_odds(-2.0)), float(dec_log_odds(-3.0) - dec_log_odds(-1.0))]
+    orpo = sum(math.log1p(math.exp(-log_or)) for log_or in log_ors) / 2
+    assert abs(metrics["sft_loss"] - sft) < 1e-12
+    assert abs(metrics["orpo_loss"] - orpo) < 1e-12
+    assert abs(loss.item() - (sft + 0.5 * orpo)) < 1e-12
+    assert abs(metrics["total_loss"] - loss.item()) < 1e-12
+    assert abs(metrics["log_odds"] - sum(log_ors) / 2) < 1e-12
+    assert metrics["pref_accuracy"] == 0.5
+    assert metrics["chosen_logps"] == -2.0
+    assert metrics["rejected_logps"] == -1.5
+    assert not any(value.requires_grad for value in metrics.values())
+
+
+def test_sft_is_a_token_weighted_mean_not_a_mean_of_sequence_means():
+    # chosen rows of 1 token (-1) and 2 tokens (-2, -4): (1 + 2 + 4) / 3 = 2.333, not (1 + 3) / 2 = 2
+    logps, mask = rows_of([-1.0], [-2.0, -4.0], [-2.0], [-1.0])
+    assert abs(orpo_loss(logps, mask, 0.5)[1]["sft_loss"] - 7 / 3) < 1e-12
+    assert abs(sft_loss(logps[:2], mask[:2])[1]["sft_loss"] - 7 / 3) < 1e-12
 
 
 # ---- the chunked output head ----
@@ -206,33 +269,31 @@ def head_batch(dtype=torch.float32, rows=3, tokens=7, width=8, vocab=11):
 
 
 def full_logits_logps(hidden, weight, labels):
-    """The plain way: every position's full logits, log_softmax in fp32, gather the next token."""
-    targets = labels[:, 1:]
-    mask = targets != IGNORE_INDEX
-    logprobs = F.log_softmax((hidden[:, :-1] @ weight.T).float(), dim=-1)  # (N, T-1, V)
-    return logprobs.gather(2, targets.clamp(min=0)[..., None]).squeeze(2) * mask, mask
+    """The definition the chunked head must reproduce: loss.label_logps of the full logits."""
+    return label_logps(hidden @ weight.T, labels)
 
 
 @pytest.mark.parametrize("chunk_size", [1, 4, 4096])  # 4 does not divide the 9 label tokens
-def test_chunked_head_equals_full_logits(chunk_size):
-    hidden, weight, labels = head_batch()
-    grad_out = torch.randn(3, 6, generator=torch.Generator().manual_seed(1))
+def test_chunked_head_agrees_with_full_logits_in_value_and_gradient(chunk_size):
+    hidden, weight, labels = head_batch()  # fp32
+    grad_out = torch.randn(3, 6, generator=torch.Generator().manual_seed(1))  # any upstream gradient
     expected, expected_mask = full_logits_logps(hidden, weight, labels)
-    expected_grads = torch.autograd.grad((expected * grad_out).sum(), (hidden, weight))
-    logps, mask = token_logps(hidden, weight, labels, chunk_size)
-    grads = torch.autograd.grad((logps * grad_out).sum(), (hidden, weight))
-    assert logps.dtype == torch.float32 and mask.tolist() == expected_mask.tolist()
-    torch.testing.assert_close(logps, expected, rtol=0, atol=1e-5)
-    for got, want in zip(grads, expected_grads):
-        torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+    expected_hidden_grad, expected_weight_grad = torch.autograd.grad((expected * grad_out).sum(), (hidden, weight))
+    logps, mask = chunked_label_logps(hidden, weight, labels, chunk_size)
+    hidden_grad, weight_grad = torch.autograd.grad((logps * grad_out).sum(), (hidden, weight))
+    assert logps.dtype == torch.float32
+    assert torch.equal(mask, expected_mask)
+    torch.testing.assert_close(logps, expected, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(hidden_grad, expected_hidden_grad, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(weight_grad, expected_weight_grad, rtol=1e-6, atol=1e-6)
 
 
-def test_frozen_head_gets_no_gradient():
+def test_frozen_head_gets_no_gradient_and_hidden_states_the_full_logits_one():
     hidden, weight, labels = head_batch()
     weight.requires_grad_(False)
     expected, _ = full_logits_logps(hidden, weight, labels)
     (expected_grad,) = torch.autograd.grad(expected.sum(), hidden)
-    logps, _ = token_logps(hidden, weight, labels, chunk_size=4)
+    logps, _ = chunked_label_logps(hidden, weight, labels, chunk_size=4)
     logps.sum().backward()
     assert weight.grad is None
     torch.testing.assert_close(hidden.grad, expected_grad, rtol=0, atol=1e-5)
@@ -251,24 +312,26 @@ def test_head_saves_no_logits_for_backward():
         return tensor
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        token_logps(hidden, weight, labels, chunk_size=64)
+        chunked_label_logps(hidden, weight, labels, chunk_size=64)
     assert 0 < sum(saved_bytes) < 64_000
 
 
-def test_gradcheck_chunked_head():
+def test_chunked_head_passes_gradcheck():
     hidden, weight, labels = head_batch(torch.float64, width=3, vocab=6)
-    assert torch.autograd.gradcheck(lambda h, w: token_logps(h, w, labels, chunk_size=2)[0], (hidden, weight))
+    assert torch.autograd.gradcheck(lambda hidden, weight: chunked_label_logps(hidden, weight, labels, chunk_size=2)[0],
+                                    (hidden, weight))
 
 
-def test_bf16_head_keeps_input_dtypes_and_fp32_logps():
+def test_bf16_head_gives_fp32_logps_and_bf16_gradients_near_the_fp32_ones():
     hidden, weight, labels = head_batch()
     expected, _ = full_logits_logps(hidden, weight, labels)
     hidden16 = hidden.detach().bfloat16().requires_grad_()
     weight16 = weight.detach().bfloat16().requires_grad_()
-    logps, _ = token_logps(hidden16, weight16, labels, chunk_size=4)
+    logps, _ = chunked_label_logps(hidden16, weight16, labels, chunk_size=4)
     logps.sum().backward()
     assert logps.dtype == torch.float32
-    assert hidden16.grad.dtype == torch.bfloat16 and weight16.grad.dtype == torch.bfloat16
+    assert hidden16.grad.dtype == torch.bfloat16
+    assert weight16.grad.dtype == torch.bfloat16
     torch.testing.assert_close(logps, expected.detach(), rtol=0, atol=0.1)  # bf16 rounding of the inputs
     expected_grads = torch.autograd.grad(expected.sum(), (hidden, weight))
     torch.testing.assert_close(hidden16.grad.float(), expected_grads[0], rtol=0, atol=0.1)
@@ -291,7 +354,7 @@ class TinyCausalLM(torch.nn.Module):
         x = self.embed(ids)
         q, k, v = self.qkv(x)[:, None].chunk(3, dim=-1)  # (N, 1, T, width) each
         hidden = x + F.scaled_dot_product_attention(q, k, v, is_causal=True)[:, 0]
-        return token_logps(hidden, self.head, labels, chunk_size=5)
+        return chunked_label_logps(hidden, self.head, labels, chunk_size=5)
 
 
 def make_rows(specs, vocab=13):
@@ -300,9 +363,9 @@ def make_rows(specs, vocab=13):
     width = max(p + r for p, r in specs)
     ids = torch.zeros(len(specs), width, dtype=torch.long)
     labels = torch.full((len(specs), width), IGNORE_INDEX)
-    for i, (p, r) in enumerate(specs):
-        ids[i, :p + r] = torch.randint(1, vocab, (p + r,), generator=g)
-        labels[i, p:p + r] = ids[i, p:p + r]
+    for row, (prompt, response) in enumerate(specs):
+        ids[row, :prompt + response] = torch.randint(1, vocab, (prompt + response,), generator=g)
+        labels[row, prompt:prompt + response] = ids[row, prompt:prompt + response]
     return ids, labels
 
 
@@ -320,7 +383,7 @@ def pair_rows(ids, labels, pair_indices, num_pairs):
     return ids[rows], labels[rows]
 
 
-def test_micro_batches_give_the_whole_batch_gradient():
+def test_orpo_micro_batches_give_the_whole_batch_gradient_and_metrics():
     model = TinyCausalLM().double()
     params = list(model.parameters())
     ids, labels = pair_batch(PAIRS)
@@ -347,7 +410,7 @@ def test_micro_batches_give_the_whole_batch_gradient():
     assert abs(mean_of_micro_means - whole_loss.item()) > 1e-3  # so the counts matter here
 
 
-def test_sft_micro_batches_give_the_whole_batch_gradient():
+def test_sft_micro_batches_give_the_whole_batch_gradient_and_loss():
     model = TinyCausalLM().double()
     params = list(model.parameters())
     ids, labels = make_rows([(3, 2), (2, 6), (1, 1), (4, 3)])
@@ -394,10 +457,11 @@ def test_one_concatenated_forward_equals_two_separate_forwards():
 
 # ---- a row without label tokens is an error, not a NaN ----
 
-def test_row_without_labels_raises_a_clear_error():
+@pytest.mark.parametrize("function", ["orpo_loss", "sft_loss", "sequence_logps"])
+def test_row_without_labels_raises_an_error_naming_the_row(function):
     logps, mask = rows_of([-1.0], [-2.0], [-1.5], [-0.5])
     mask[1] = False
-    for call in (lambda: orpo_loss(logps, mask, 0.1), lambda: sft_loss(logps, mask),
-                 lambda: sequence_logps(logps, mask, "sum")):
-        with pytest.raises(ValueError, match=r"row 1 .*no label tokens.*data filter"):
-            call()
+    call = {"orpo_loss": lambda: orpo_loss(logps, mask, 0.1), "sft_loss": lambda: sft_loss(logps, mask),
+            "sequence_logps": lambda: sequence_logps(logps, mask, "sum")}[function]
+    with pytest.raises(ValueError, match=r"row 1 .*no label tokens.*data filter"):
+        call()
