@@ -19,7 +19,7 @@ def _run(args, cwd=ROOT, timeout=300, memory_gb=6, env=None):
                           env=env, preexec_fn=limit)
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def run_limited():
     """run_limited(["train.py", preset, "key=value", ...]) -> CompletedProcess, run from the repository root."""
     return _run
@@ -36,6 +36,6 @@ def assert_one_line_error(p, *needles):
     return last
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def one_line_error():
     return assert_one_line_error

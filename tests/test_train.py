@@ -82,8 +82,8 @@ def test_lora_run_saves_merged_model_and_peft_adapter(tmp_path):
 def test_resume_ends_with_the_same_weights(tmp_path):
     common = ["training.max_steps=10", "training.grad_accum_steps=2", "training.batch_size=4"]
     train(tmp_path, *common, "training.save_every=4", "run_name=through")
-    assert sorted(p for p in os.listdir(tmp_path / "through") if p.startswith("step_")) == ["step_000004",
-                                                                                          "step_000008"]
+    assert sorted(p for p in os.listdir(tmp_path / "through") if p.startswith("step_")) == [
+        "step_000004", "step_000008", "step_000010"]  # every save_every steps, and at the end
     p = train(tmp_path, *common, f"training.resume_from={tmp_path / 'through' / 'step_000004'}", "run_name=resumed")
     assert "continuing at step 4" in p.stdout
     a = load_file(str(tmp_path / "through" / "final" / "model.safetensors"))
@@ -92,14 +92,33 @@ def test_resume_ends_with_the_same_weights(tmp_path):
     assert [r["step"] for r in metrics(tmp_path / "resumed")] == [5, 10]
 
 
+def overflowing_model(tmp_path):
+    """The tiny model with one norm weight at 3e38: finite on disk, but every forward overflows to inf."""
+    from minorpo import tiny
+    base = tiny.ensure_model(str(tmp_path / "base"))
+    model = checkpoint.load_model(base)
+    with torch.no_grad():
+        model.model.norm.weight.fill_(3e38)
+    os.makedirs(tmp_path / "overflow")
+    checkpoint.write_model(model, str(tmp_path / "overflow"), tokenizer_from=base)
+    return str(tmp_path / "overflow")
+
+
 def test_guard_stops_a_run_that_keeps_going_non_finite(tmp_path):
-    # A learning rate of 1e30 makes the weights overflow after the first update; every later step is
-    # non-finite, is skipped, and the run stops after max_bad_steps of them, without writing final/.
-    p = train(tmp_path, "training.max_steps=20", "training.learning_rate=1e30", "training.max_bad_steps=3",
-              "training.warmup_steps=0", check=False)
+    # Every step is non-finite, is skipped, and the run stops after max_bad_steps of them, without final/.
+    p = train(tmp_path, f"model_name={overflowing_model(tmp_path)}", "training.max_steps=20",
+              "training.max_bad_steps=3", check=False)
     assert p.returncode != 0
     assert "[guard] 3 non-finite steps in a row: stopping" in p.stderr
     assert p.stdout.count("update skipped") == 3
+    assert not (tmp_path / "orpo" / "final").exists()
+
+
+def test_a_run_whose_every_step_was_skipped_writes_no_final(tmp_path):
+    p = train(tmp_path, f"model_name={overflowing_model(tmp_path)}", "training.max_steps=3",
+              "training.max_bad_steps=10", check=False)
+    assert p.returncode != 0
+    assert "every one of the 3 steps was skipped" in p.stderr
     assert not (tmp_path / "orpo" / "final").exists()
 
 
