@@ -40,8 +40,9 @@ LAYOUTS = {"sft": '{"prompt", "response"}, {"text"}, {"messages"} or {"prompt", 
 ROLES = ("system", "user", "assistant")  # system only as the first message; chatml here has no tool turns
 CHARS_PER_TOKEN = 16  # strings are cut to this many characters per token of max_length before tokenizing
 BY_LENGTH = "raise data.max_length (now {max_length}) or lower data.max_prompt_length (now {max_prompt_length})"
-FILTERS = {  # why a well-formed row is dropped -> the setting that would keep such rows ("" if none)
-    "longer than {bound} bytes": "raise data.max_length (now {max_length}; the bound is max(1 MiB, 64 bytes x it))",
+BY_BYTES = "shorten them or raise data.max_length (now {max_length}; the bound is max(1 MiB, 64 bytes x it))"
+FILTERS = {  # why a well-formed row is dropped -> how to keep such rows ("" if nothing would)
+    "longer than {bound} bytes": BY_BYTES,
     "with an empty response": "", "with identical chosen and rejected": "",
     "with empty labels (response truncated to 0 tokens)": BY_LENGTH,
     "with chosen and rejected identical after truncation": BY_LENGTH,
@@ -259,7 +260,7 @@ def _note(reason, wheres, settings):
     """'filtered 2 rows with ... (lines 3, 9); raise ...': how many, why, the first line numbers, the fix."""
     n, numbers = len(wheres), [where.rsplit(":", 1)[-1] for where in wheres[:3]] + ["..."] * (len(wheres) > 3)
     note = f"filtered {n} row{'s' * (n > 1)} {reason} (line{'s' * (n > 1)} {', '.join(numbers)})"
-    return (note + f"; {FILTERS[reason]} to keep them" * bool(FILTERS[reason])).format(**settings)
+    return (note + f"; to keep such rows, {FILTERS[reason]}" * bool(FILTERS[reason])).format(**settings)
 
 
 def make_examples(rows, tokenizer, task, fmt="raw", template="chatml", max_length=512, max_prompt_length=256,
@@ -289,8 +290,7 @@ def make_examples(rows, tokenizer, task, fmt="raw", template="chatml", max_lengt
         else:
             cut += was_cut
             examples.append(example)
-    settings = dict(bound=max(1 << 20, 64 * max_length), max_length=max_length,
-                    max_prompt_length=max_prompt_length)
+    settings = dict(bound=max(1 << 20, 64 * max_length), max_length=max_length, max_prompt_length=max_prompt_length)
     notes = [_note(reason, wheres, settings) for reason, wheres in filtered.items() if wheres]
     unit = "row" if task == "sft" else "pair"
     if not examples:

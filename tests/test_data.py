@@ -122,11 +122,11 @@ def test_empty_labels_are_filtered_counted_and_reported(tok):
     examples, report = make(tok, long, PAIR, long, max_length=20, max_prompt_length=20)
     assert len(examples) == 1
     assert report[0] == ("[data] data: filtered 2 rows with empty labels (response truncated to 0 tokens) (lines 1, "
-                         "3); raise data.max_length (now 20) or lower data.max_prompt_length (now 20) to keep them")
+                         "3); to keep such rows, raise data.max_length (now 20) or lower data.max_prompt_length (now 20)")
     for ex in examples:  # every kept row has label tokens
         assert any(label != IGNORE_INDEX for label in ex["chosen_labels"] + ex["rejected_labels"])
     with pytest.raises(DataError, match=r"^data: no usable pairs left: filtered 1 row with empty labels .* \(line 1\)"
-                                         r"; raise data.max_length \(now 20\)"):
+                                         r"; to keep such rows, raise data.max_length \(now 20\)"):
         make(tok, long, max_length=20, max_prompt_length=20)
     # A processed row whose response labels are all -100: a mean over zero tokens would be NaN.
     good, _ = make(tok, PAIR)
@@ -134,7 +134,7 @@ def test_empty_labels_are_filtered_counted_and_reported(tok):
     kept, report = make(tok, broken, good[0], fmt="processed")
     assert kept == good
     assert report[0].startswith("[data] data: filtered 1 row with empty labels (response truncated to 0 tokens) "
-                                "(line 1); raise data.max_length")
+                                "(line 1); to keep such rows, raise data.max_length")
 
 
 def test_empty_and_identical_answers_are_filtered(tok):
@@ -150,7 +150,7 @@ def test_pairs_identical_after_truncation_are_filtered_with_the_setting_to_raise
     examples, report = make(tok, PAIR, same_start, PAIR, max_length=24, max_prompt_length=12)
     assert len(examples) == 2
     assert report[0] == ("[data] data: filtered 1 row with chosen and rejected identical after truncation (line 2); "
-                         "raise data.max_length (now 24) or lower data.max_prompt_length (now 12) to keep them")
+                         "to keep such rows, raise data.max_length (now 24) or lower data.max_prompt_length (now 12)")
     assert len(make(tok, same_start, max_length=200)[0]) == 1  # with room for the difference it is kept
     with pytest.raises(DataError, match="no usable pairs left: filtered 1 row with chosen and rejected identical"):
         make(tok, same_start, max_length=24, max_prompt_length=12)
@@ -317,8 +317,8 @@ def test_a_line_over_the_bound_is_skipped_unread_and_reported(tok, tmp_path):
     assert rows[1][1] == {} and isinstance(rows[1][1], TooLong) and rows[2][1] == PAIR
     examples, report = make_examples(rows, tok, "prompted_preference", max_length=128, source=str(path))
     assert len(examples) == 2
-    assert report[0] == (f"[data] {path}: filtered 1 row longer than 1048576 bytes (line 2); raise data.max_length "
-                         "(now 128; the bound is max(1 MiB, 64 bytes x it)) to keep them")
+    assert report[0] == (f"[data] {path}: filtered 1 row longer than 1048576 bytes (line 2); to keep such rows, "
+                         "shorten them or raise data.max_length (now 128; the bound is max(1 MiB, 64 bytes x it))")
     assert len(read_jsonl(str(path), max_length=1 << 15)[1][1]) == 3  # 2 MiB bound: parsed
 
 
