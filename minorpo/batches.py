@@ -8,11 +8,12 @@ labels[t] = input_ids[t] on trained tokens and IGNORE_INDEX elsewhere (Hugging F
 loss shifts by one). minorpo/data.py turns text into examples; this file turns examples into batches.
 
 Decisions:
-- Truncation (DESIGN.md) keeps the prompt's end (the question and the assistant header) and the
-  responses' beginnings, by the same rule for chosen and rejected, so their prompts stay identical.
+- Truncation keeps the prompt's end (the question and the assistant header) and the responses'
+  beginnings, by the same rule for chosen and rejected, so their prompts stay identical and the pair
+  still compares two answers to one question.
 - A batch of P pairs is one tensor of 2P rows, the P chosen rows first and then the P rejected rows
-  (DESIGN.md), right-padded with the pad id; padding is labelled IGNORE_INDEX. Under a causal mask real
-  tokens never see right padding, so no attention mask is needed.
+  (one forward pass for both; the loss splits it in halves), right-padded with the pad id; padding is
+  labelled IGNORE_INDEX. Under a causal mask real tokens never see right padding: no attention mask.
 - Length-grouped batch order (data.group_by_length, on by default): shuffle, sort by length within
   windows of GROUP_WINDOW batches, cut into batches, shuffle the batches. Rows of a batch then have
   similar lengths, so less of the batch is padding. The batch with the longest row goes first, so an
@@ -25,8 +26,6 @@ import random
 import sys
 
 import torch
-
-from minorpo.files import atomic_write
 
 IGNORE_INDEX = -100  # the label of a token that is not trained (prompt, padding): the loss skips it
 PAIR_KEYS = ("chosen_input_ids", "chosen_labels", "rejected_input_ids", "rejected_labels")
@@ -45,10 +44,17 @@ def first_trained(labels):
     return next((t for t, label in enumerate(labels) if label != IGNORE_INDEX), len(labels))
 
 
+def segments(example):
+    """(prompt (ids, labels), [answer (ids, labels)]) of an example: the prompt is every position before
+    the first trained token of any row (example_problem checks that the rows share it)."""
+    rows = rows_of(example)
+    start = min(first_trained(labels) for _, labels in rows)
+    return (rows[0][0][:start], rows[0][1][:start]), [(ids[start:], labels[start:]) for ids, labels in rows]
+
+
 def prompt_of(example):
-    """The prompt ids of an example: its (first) row up to the first trained token."""
-    ids, labels = rows_of(example)[0]
-    return ids[:first_trained(labels)]
+    """The prompt ids of an example, which generation continues."""
+    return segments(example)[0][0]
 
 
 def example_problem(example, keys, vocab_size):
@@ -72,11 +78,15 @@ def example_problem(example, keys, vocab_size):
         if t is not None:
             return (f'"{labels_key}"[{t}] = {labels[t]} must be {IGNORE_INDEX} or the id at that position '
                     f"({ids[t]})")
+    start = min(first_trained(example[key]) for key in keys[1::2])
+    if any(example[key][:start] != example[keys[0]][:start] for key in keys[0::2]):
+        return (f"chosen and rejected must start with the same prompt ids (the positions labelled "
+                f"{IGNORE_INDEX} before the first trained token)")
     return None
 
 
 def truncate(prompt, answers, max_length, max_prompt_length):
-    """DESIGN.md's rule, the same for chosen and rejected: if prompt + the longer answer exceeds
+    """The rule, the same for chosen and rejected: if prompt + the longer answer exceeds
     max_length, cut the prompt from the left to max_prompt_length, then cut every answer from the right
     to the room left. Segments are (ids, labels); returns (prompt, answers, whether anything was cut)."""
     if len(prompt[0]) + max(len(ids) for ids, _ in answers) <= max_length:
@@ -95,11 +105,6 @@ def make_example(prompt, answers):
         labels = [IGNORE_INDEX] + (prompt[1] + labels)[1:]
         rows += [prompt[0] + ids, labels]
     return dict(zip(PAIR_KEYS if len(answers) == 2 else SFT_KEYS, rows))
-
-
-def write_examples(examples, path):
-    """Write examples as processed-format JSONL, one example a line; atomic (temporary name, then rename)."""
-    atomic_write(path, "".join(json.dumps(example) + "\n" for example in examples))
 
 
 def split_examples(examples, eval_fraction, seed):
@@ -136,12 +141,11 @@ def batch_order(lengths, batch_size, seed, epoch, group_by_length=True):
     return batches
 
 
-def collate(examples, pad_id, pad_to_multiple_of=1):
+def collate(examples, pad_id):
     """A batch as tensors {"input_ids", "labels"}, both (2P, T) long for P pairs, the P chosen rows then
-    the P rejected rows; (P, T) for sft. Right-padded with pad_id to the longest row, rounded up to a
-    multiple of pad_to_multiple_of (fewer distinct shapes for torch.compile); labels IGNORE_INDEX there."""
+    the P rejected rows; (P, T) for sft. Right-padded with pad_id to the longest row; labels IGNORE_INDEX there."""
     rows = [row for side in zip(*map(rows_of, examples)) for row in side]  # chosen rows, then rejected rows
-    T = -(-max(len(ids) for ids, _ in rows) // pad_to_multiple_of) * pad_to_multiple_of
+    T = max(len(ids) for ids, _ in rows)
     input_ids = torch.full((len(rows), T), pad_id, dtype=torch.long)  # (rows, T)
     labels = torch.full((len(rows), T), IGNORE_INDEX, dtype=torch.long)  # (rows, T)
     for r, (ids, row_labels) in enumerate(rows):
@@ -163,11 +167,9 @@ def show_example(example, tokenizer, color=None):
             text += (f"\033[32m{piece}\033[0m" if color else f"⟦{piece}⟧") if trained else piece
             start = end
         return text
-    rows = rows_of(example)
-    if len(rows) == 1:
-        return "[data] example (trained tokens marked):\n" + marked(*rows[0])
-    p = min(first_trained(labels) for _, labels in rows)
+    prompt, answers = segments(example)
+    if len(answers) == 1:
+        return "[data] example (trained tokens marked):\n" + marked(*rows_of(example)[0])
     return "\n".join(["[data] example pair (trained tokens marked):",
-                      "prompt:   " + tokenizer.decode(rows[0][0][:p], skip_special_tokens=False),
-                      "chosen:   " + marked(rows[0][0][p:], rows[0][1][p:]),
-                      "rejected: " + marked(rows[1][0][p:], rows[1][1][p:])])
+                      "prompt:   " + tokenizer.decode(prompt[0], skip_special_tokens=False),
+                      "chosen:   " + marked(*answers[0]), "rejected: " + marked(*answers[1])])

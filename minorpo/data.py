@@ -1,26 +1,28 @@
 """The preprocessor: JSONL rows in, token ids and labels out, one dict of int lists per row.
 
     tokenizer = load_tokenizer("/ckpt/Qwen3-0.6B")
-    examples, report = load_examples("pairs.jsonl", tokenizer, task="prompted_preference")
-    # pairs: {"chosen_input_ids", "chosen_labels", "rejected_input_ids", "rejected_labels"}
-    # sft:   {"input_ids", "labels"}          (the same keys as the processed format)
+    rows = read_jsonl("pairs.jsonl", max_length=512)          # [("pairs.jsonl:1", {...}), ...]
+    examples, report = make_examples(rows, tokenizer, "prompted_preference", source="pairs.jsonl")
+    # {"chosen_input_ids", "chosen_labels", "rejected_input_ids", "rejected_labels"}, sft {"input_ids", "labels"}
 
 References: ORPO, Hong, Lee, Thorne 2024 (arXiv:2403.07691), for the masks and the filtered pairs;
 Qwen's ChatML template; nanochat, which builds ids and labels together, one segment at a time.
 
 Decisions:
-- Labels follow Hugging Face (batches.py: labels[t] = input_ids[t] where trained, IGNORE_INDEX elsewhere).
 - The prompt and each response are tokenized as separate segments, so the boundary is exact and the
-  prompt ids are those generation sees. A response is `{text}<|im_end|>` (chatml) or
-  `{text}<|endoftext|>` (raw); a cut response loses that end token, so the model never learns to stop
-  at the cut. No BOS token (Qwen adds none).
-- Rows left with no label tokens by truncation (batches.truncate), empty responses and identical
-  chosen/rejected are dropped and counted: a mean over zero tokens is 0/0 = NaN, the seed's known
-  failure. A malformed line stops the load with `file:line` and the layout expected.
+  prompt ids are those generation sees; a response ends with `<|im_end|>` (chatml) or `<|endoftext|>`
+  (raw), lost when it is cut, so the model never learns to stop at a cut. No BOS token. The template's
+  special tokens are inserted by id and the data's text is encoded with special-token text as plain
+  characters, so a `<|im_end|>` typed in a row can never end a turn or forge one.
+- Rows left with no label tokens by truncation (batches.truncate), empty responses, and chosen equal to
+  rejected (as text, or as tokens after truncation) are dropped and reported with their line numbers:
+  a mean over zero tokens is 0/0 = NaN; the odds ratio of identical answers is noise.
+- Memory and time follow max_length, not the file: a line over max(1 MiB, 64 bytes x max_length) is
+  skipped unread and reported; strings are cut to CHARS_PER_TOKEN x max_length characters before
+  tokenizing. A malformed line is one line of error: `file:line`, the problem, the layout expected.
 - Layouts: a prompt is a string or a list of {"role", "content"} messages; an answer is a string or a
-  transcript (a message list, or HH's "Human: ... Assistant: ..." string) whose last turn is the answer
-  and whose earlier turns are the prompt. task=preference without a prompt otherwise takes the shared
-  beginning of chosen and rejected, cut back to a whitespace boundary. template=raw: one prompt text.
+  transcript (messages, or HH's "Human: ... Assistant: ..." string) whose earlier turns are the prompt.
+  task=preference with no prompt takes chosen and rejected's shared beginning. template=raw: one text.
 """
 import json
 import os
@@ -28,33 +30,42 @@ import re
 
 from tokenizers import Tokenizer
 
-from minorpo.batches import (IGNORE_INDEX, PAIR_KEYS, SFT_KEYS, example_problem, first_trained, make_example,
-                             rows_of, truncate)
+from minorpo.batches import (IGNORE_INDEX, PAIR_KEYS, SFT_KEYS, example_problem, make_example, rows_of, segments,
+                             truncate)
+from minorpo.files import UserError, file_inside
 
-LAYOUTS = {
-    "sft": '{"prompt", "response"}, {"text"}, {"messages"} or {"prompt", "chosen", "rejected"}',
-    "prompted_preference": '{"prompt", "chosen", "rejected"}',
-    "preference": '{"chosen", "rejected"} and optionally "prompt"',
+LAYOUTS = {"sft": '{"prompt", "response"}, {"text"}, {"messages"} or {"prompt", "chosen", "rejected"}',
+           "prompted_preference": '{"prompt", "chosen", "rejected"}',
+           "preference": '{"chosen", "rejected"} and optionally "prompt"'}
+ROLES = ("system", "user", "assistant")  # system only as the first message; chatml here has no tool turns
+CHARS_PER_TOKEN = 16  # strings are cut to this many characters per token of max_length before tokenizing
+BY_LENGTH = "raise data.max_length (now {max_length}) or lower data.max_prompt_length (now {max_prompt_length})"
+BY_BYTES = "shorten them or raise data.max_length (now {max_length}; the bound is max(1 MiB, 64 bytes x it))"
+FILTERS = {  # why a well-formed row is dropped -> how to keep such rows ("" if nothing would)
+    "longer than {bound} bytes": BY_BYTES,
+    "with an empty response": "", "with identical chosen and rejected": "",
+    "with empty labels (response truncated to 0 tokens)": BY_LENGTH,
+    "with chosen and rejected identical after truncation": BY_LENGTH,
 }
-EMPTY_LABELS = "with empty labels (response truncated to 0 tokens)"
-EMPTY_RESPONSE = "with an empty response"
-IDENTICAL = "with identical chosen and rejected"
+TOO_LONG, EMPTY_RESPONSE, IDENTICAL, EMPTY_LABELS, IDENTICAL_CUT = FILTERS
 HH_TURN = re.compile(r"(?:^|\n\n)(Human|Assistant): ?")  # a turn of an HH string transcript
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """A problem with the data or the tokenizer; the message names the file, the line and the fix."""
 
 
+class TooLong(dict):
+    """read_jsonl's row for a line over the bound: empty, never parsed, counted where it stands."""
+
+
 class _Filtered(Exception):
-    """A well-formed row that cannot be trained on; its reason is counted and reported."""
+    """A well-formed row that cannot be trained on; its reason (a key of FILTERS) is reported."""
 
 
 def load_tokenizer(folder):
-    """The model folder's tokenizer.json (Hugging Face tokenizers format)."""
-    path = os.path.join(folder, "tokenizer.json")
-    if not os.path.isfile(path):
-        raise DataError(f"{path}: not found; the model folder needs the tokenizer.json it was trained with")
+    """The model folder's tokenizer.json (Hugging Face tokenizers format), a regular file inside it."""
+    path = file_inside(folder, "tokenizer.json", "tokenizer")
     try:
         return Tokenizer.from_file(path)
     except Exception as e:  # the tokenizers library raises a bare Exception for a file it cannot parse
@@ -63,76 +74,81 @@ def load_tokenizer(folder):
 
 def _template_ids(tokenizer, template):
     """Special token ids the template writes: turn start and end (chatml), end of text (both)."""
-    names = {"start": "<|im_start|>", "end": "<|im_end|>", "eot": "<|endoftext|>"}
-    if template == "raw":  # raw ends a response with end-of-text
-        names = {"end": "<|endoftext|>", "eot": "<|endoftext|>"}
-    ids = {key: tokenizer.token_to_id(token) for key, token in names.items()}
-    for key, token in names.items():
-        if ids[key] is None:
+    names = {"start": "<|im_start|>", "end": "<|im_end|>", "eot": "<|endoftext|>"} if template == "chatml" \
+        else {"end": "<|endoftext|>", "eot": "<|endoftext|>"}
+    for token in names.values():
+        if tokenizer.token_to_id(token) is None:
             raise DataError(f"the tokenizer has no {token} token, which data.template={template} needs")
-    return ids
+    return {key: tokenizer.token_to_id(token) for key, token in names.items()}
 
 
 def stop_and_pad_ids(tokenizer, template):
-    """(stop_ids, pad_id): generation stops at any stop id (chatml: <|im_end|> or <|endoftext|>; raw:
-    <|endoftext|>); batches are right-padded with <|endoftext|>, as Qwen does."""
+    """(stop_ids, pad_id): generation stops at the template's end tokens; Qwen pads with <|endoftext|>."""
     ids = _template_ids(tokenizer, template)
     return list(dict.fromkeys([ids["end"], ids["eot"]])), ids["eot"]
 
 
-def read_jsonl(path):
-    """Every non-blank line of a JSONL file as (where, row): where = "path:line", row a dict."""
+def _parse_line(line, where):
+    """One JSONL line (bytes) as a dict; any problem is a DataError of one line."""
+    try:
+        text = line.decode("utf-8-sig")
+        row = json.loads(text)
+        if re.search(r"\\u[dD][89a-fA-F]", text):  # a lone \ud800-\udfff: json accepts it, tokenizers do not
+            json.dumps(row, ensure_ascii=False).encode("utf-8")
+    except (ValueError, RecursionError) as e:  # Unicode{De,En}codeError and JSONDecodeError are ValueErrors
+        problem = {UnicodeDecodeError: "not UTF-8 ({e}); save the file as UTF-8",
+                   UnicodeEncodeError: "a lone surrogate (\\ud800 to \\udfff without its pair) is not text",
+                   RecursionError: "JSON nested too deeply; a row is one flat object {{...}}"}
+        raise DataError(f"{where}: " + problem.get(type(e), "not valid JSON ({e})").format(e=e)) from None
+    if not isinstance(row, dict):
+        raise DataError(f"{where}: expected a JSON object {{...}}, got {type(row).__name__}")
+    return row
+
+
+def read_jsonl(path, max_length=512):
+    """Every non-blank line of a JSONL file as (where, row): where = "path:line", row a dict. A line over
+    max(1 MiB, 64 bytes x max_length) is never held whole: it is skipped in chunks and left as a TooLong row."""
     if not os.path.isfile(path):
-        raise DataError(f"{path}: data file not found")
-    rows = []
+        kind = "a directory" if os.path.isdir(path) else "not found" if not os.path.exists(path) else "not a file"
+        raise DataError(f"{path}: {kind}; expected a JSONL file (one JSON object a line), or `tiny`")
+    rows, bound = [], max(1 << 20, 64 * max_length)  # bytes: far more than max_length tokens of any text
     with open(path, "rb") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{n}"
-            try:
-                row = json.loads(line)
-            except ValueError as e:  # JSONDecodeError, or bytes that are not UTF-8
-                raise DataError(f"{where}: not valid JSON ({e})") from None
-            if not isinstance(row, dict):
-                raise DataError(f"{where}: expected a JSON object {{...}}, got {type(row).__name__}")
-            rows.append((where, row))
+        for number, line in enumerate(iter(lambda: f.readline(bound + 1), b""), 1):
+            if len(line) > bound and not line.endswith(b"\n"):
+                while line and not line.endswith(b"\n"):  # skip the rest of the line, 1 MiB at a time
+                    line = f.readline(1 << 20)
+                rows.append((f"{path}:{number}", TooLong()))
+            elif line.strip():
+                rows.append((f"{path}:{number}", _parse_line(line, f"{path}:{number}")))
+    if not rows:
+        raise DataError(f"{path}: no rows (the file is empty or blank); expected one JSON object a line")
     return rows
 
 
-def _short(value):
-    text = json.dumps(value, ensure_ascii=False)
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
-def _hh_turns(text):
-    """Anthropic HH's string transcripts ("\n\nHuman: ...\n\nAssistant: ...") as messages, else None, so
-    that a pair is split at its last turn boundary even when both answers begin with the same words."""
-    text = text.lstrip()
-    if not text.startswith("Human:") or "\n\nAssistant:" not in text:
-        return None
-    parts = HH_TURN.split(text)  # ['', 'Human', said, 'Assistant', said, ...]
-    return [{"role": "user" if who == "Human" else "assistant", "content": said}
-            for who, said in zip(parts[1::2], parts[2::2])]
-
-
 def _turns(row, key, where, expected, role):
-    """row[key] as a list of {"role", "content"} messages; a string is one message with `role`."""
+    """row[key] as a list of {"role", "content"} messages: a string is one message with `role`; an answer
+    in Anthropic HH's "\n\nHuman: ...\n\nAssistant: ..." form is split into its turns (pairs split there)."""
     if key not in row:
         raise DataError(f'{where}: missing field "{key}" ({expected})')
-    value = row[key]
+    value, got = row[key], json.dumps(row[key], ensure_ascii=False)[:60]
     if isinstance(value, str):
-        return (role == "assistant" and _hh_turns(value)) or [{"role": role, "content": value}]
-    if isinstance(value, list) and value and all(
-            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-            for m in value):
-        return [{"role": m["role"], "content": m["content"]} for m in value]
-    raise DataError(f'{where}: field "{key}" must be a string or a list of {{"role", "content"}} messages '
-                    f"with string values, got {_short(value)} ({expected})")
+        if role != "assistant" or not re.match(r"\s*Human:", value) or "\n\nAssistant:" not in value:
+            return [{"role": role, "content": value}]
+        parts = HH_TURN.split(value.lstrip())  # ['', 'Human', said, 'Assistant', said, ...]
+        return [{"role": "user" if who == "Human" else "assistant", "content": said}
+                for who, said in zip(parts[1::2], parts[2::2])]
+    if isinstance(value, list) and value:
+        bad = next((i for i, m in enumerate(value) if not isinstance(m, dict) or
+                    not isinstance(m.get("content"), str) or m.get("role") not in ROLES[min(i, 1):]), None)
+        if bad is None:
+            return [{"role": m["role"], "content": m["content"]} for m in value]
+        got = f"message {bad + 1}: {json.dumps(value[bad], ensure_ascii=False)[:60]}"
+    raise DataError(f'{where}: field "{key}" must be a string or a list of {{"role", "content"}} messages, '
+                    f"content a string, role system (first only), user or assistant; got {got} ({expected})")
 
 
 def _dialogue(row, keys, where, expected, prompt_required):
-    """(prompt messages, answer texts) of a row whose answers are under `keys`."""
+    """(prompt messages, answer texts) of a row whose answers are under `keys`; an empty answer is filtered."""
     prompt = []
     if prompt_required or "prompt" in row:
         prompt = _turns(row, "prompt", where, expected, "user")
@@ -141,78 +157,54 @@ def _dialogue(row, keys, where, expected, prompt_required):
     answers = [_turns(row, key, where, expected, "assistant") for key in keys]
     for key, turns in zip(keys, answers):
         if turns[-1]["role"] != "assistant":
-            raise DataError(f'{where}: the last turn of "{key}" must have role "assistant" (the answer to '
-                            f'train on), got "{turns[-1]["role"]}"')
+            raise DataError(f'{where}: "{key}" must end with an "assistant" turn, got "{turns[-1]["role"]}"')
     context = answers[0][:-1]  # a transcript's turns before its answer are the prompt
     if any(turns[:-1] != context for turns in answers):
         raise DataError(f'{where}: "{keys[0]}" and "{keys[1]}" must have the same turns before their last one')
     if context and prompt and context[-len(prompt):] != prompt:
         raise DataError(f'{where}: "prompt" differs from the turns before the answer in "{keys[0]}"')
-    return context or prompt, [turns[-1]["content"] for turns in answers]
-
-
-def _shared_beginning(chosen, rejected, where, expected):
-    """Split two strings into (prompt, chosen, rejected) at their longest common prefix, cut back to the
-    last whitespace so that no word is split between prompt and response."""
-    shared = os.path.commonprefix([chosen, rejected])
-    cut = re.search(r"\s*\S*$", shared).start()
-    if not shared[:cut].strip():
-        raise DataError(f'{where}: "chosen" and "rejected" share no beginning to use as the prompt; add a '
-                        f'"prompt" field ({expected})')
-    return [{"role": "user", "content": shared[:cut]}], chosen[cut:], rejected[cut:]
-
-
-def _pair(row, where, expected, prompt_required):
-    """(prompt messages, [chosen, rejected]) of a preference row."""
-    prompt, (chosen, rejected) = _dialogue(row, ("chosen", "rejected"), where, expected, prompt_required)
-    if not chosen.strip() or not rejected.strip():
+    if not all(turns[-1]["content"].strip() for turns in answers):
         raise _Filtered(EMPTY_RESPONSE)
-    if chosen == rejected:
-        raise _Filtered(IDENTICAL)
-    if not prompt:
-        prompt, chosen, rejected = _shared_beginning(chosen, rejected, where, expected)
-    return prompt, [chosen, rejected]
+    return context or prompt, [turns[-1]["content"] for turns in answers]
 
 
 def _parse(row, task, where):
     """(prompt messages or None for plain text, answer texts, whether earlier assistant turns train)."""
     expected = f"task {task} expects {LAYOUTS[task]}"
-    if task != "sft":
-        prompt, answers = _pair(row, where, expected, task == "prompted_preference")
-        return prompt, answers, False
-    if "messages" in row:  # a conversation: every assistant turn is trained
-        turns = _turns(row, "messages", where, expected, "user")
-        if turns[-1]["role"] != "assistant":
-            raise DataError(f'{where}: the last message of "messages" must have role "assistant"')
-        if not turns[-1]["content"].strip():
-            raise _Filtered(EMPTY_RESPONSE)
-        return turns[:-1], [turns[-1]["content"]], True
+    if task != "sft" or "chosen" in row:  # a preference row under sft trains on the chosen answer
+        prompt, answers = _dialogue(row, ("chosen", "rejected"), where, expected, task == "prompted_preference")
+        if answers[0] == answers[1]:
+            raise _Filtered(IDENTICAL)
+        if not prompt:  # their shared beginning, cut back to a whitespace boundary (no split word)
+            shared = os.path.commonprefix(answers)  # not a regex: linear time even on a long shared run
+            if not shared[-1:].isspace():  # it may end inside a word: leave that word to the responses
+                shared = shared[:len(shared) - len((shared.split() or [""])[-1])]
+            cut = len(shared.rstrip())
+            if not cut:
+                raise DataError(f'{where}: "chosen" and "rejected" share no beginning to use as the prompt; '
+                                f'add a "prompt" field ({expected})')
+            prompt, answers = [{"role": "user", "content": answers[0][:cut]}], [a[cut:] for a in answers]
+        return prompt, answers[:1] if task == "sft" else answers, False
     if "text" in row:
-        text = row["text"]
-        if not isinstance(text, str) or not text.strip():
-            raise DataError(f'{where}: field "text" must be a non-empty string, got {_short(text)} ({expected})')
-        return None, [text], False
-    if "chosen" in row:  # a preference row under sft trains on the chosen answer
-        prompt, answers = _pair(row, where, expected, False)
-        return prompt, answers[:1], False
-    prompt, answers = _dialogue(row, ("response",), where, expected, True)
-    if not answers[0].strip():
-        raise _Filtered(EMPTY_RESPONSE)
-    return prompt, answers, False
+        if not isinstance(row["text"], str) or not row["text"].strip():
+            raise DataError(f'{where}: field "text" must be a non-empty string ({expected})')
+        return None, [row["text"]], False
+    key = "messages" if "messages" in row else "response"  # a conversation: every assistant turn trains
+    return (*_dialogue(row, (key,), where, expected, key == "response"), key == "messages")
 
 
 def _prompt_pieces(messages, template, ids, train_assistant, where):
     """The prompt as pieces (text or special token id, trained); chatml ends with the assistant header."""
     if template == "raw":
         if len(messages) != 1:
-            raise DataError(f"{where}: data.template=raw takes one prompt text, got {len(messages)} turns; "
-                            "use data.template=chatml for system turns and conversations")
+            raise DataError(f"{where}: data.template=raw takes one prompt text, not {len(messages)} turns; "
+                            "use data.template=chatml")
         return [(messages[0]["content"], False)]
     pieces = []
     for m in messages:
         if train_assistant and m["role"] == "assistant":
             pieces += [(ids["start"], False), ("assistant\n", False), (m["content"], True), (ids["end"], True)]
-        else:
+        else:  # one text, as the prompt of generation is encoded
             pieces += [(ids["start"], False), (f"{m['role']}\n{m['content']}", False), (ids["end"], False)]
         pieces.append(("\n", False))
     return pieces + [(ids["start"], False), ("assistant\n", False)]
@@ -223,8 +215,8 @@ def _tokenize(rendered, tokenizer):
     encoded once, in one encode_batch call (parallel, in Rust); ids and labels are built together."""
     texts = list(dict.fromkeys(piece for prompt, answers in rendered for segment in (prompt, *answers)
                                for piece, _ in segment if isinstance(piece, str)))
+    tokenizer.encode_special_tokens = True  # data text never becomes a control token (set for good)
     encoded = {t: e.ids for t, e in zip(texts, tokenizer.encode_batch(texts, add_special_tokens=False))}
-
     def ids_and_labels(pieces):
         ids, labels = [], []
         for piece, trained in pieces:
@@ -249,62 +241,59 @@ def _processed(row, task, where, vocab_size):
     if problem:
         raise DataError(f"{where}: {problem} (task {task} with data.format=processed expects "
                         f"{{{', '.join(map(json.dumps, keys))}}})")
-    rows = [(row[keys[i]], row[keys[i + 1]]) for i in range(0, len(keys), 2)]
-    if len(rows) == 2 and rows[0] == rows[1]:
-        raise _Filtered(IDENTICAL)
-    start = min(first_trained(labels) for _, labels in rows)  # the prompt: before the first trained token
-    if any(ids[:start] != rows[0][0][:start] for ids, _ in rows):
-        raise DataError(f"{where}: chosen and rejected must start with the same prompt ids (the positions "
-                        f"labelled {IGNORE_INDEX} before the first trained token)")
-    return (rows[0][0][:start], rows[0][1][:start]), [(ids[start:], labels[start:]) for ids, labels in rows]
+    return segments(dict(zip(PAIR_KEYS if len(keys) == 4 else SFT_KEYS, (row[key] for key in keys))))
 
 
-def _render(row, task, template, ids, where):
-    """(prompt pieces, [answer pieces]) of a raw row."""
+def _render(row, task, template, ids, where, cap):
+    """(prompt pieces, [answer pieces]) of a raw row. Strings are cut to `cap` characters as truncation
+    cuts tokens: an answer keeps its beginning (and loses its end token), a prompt message its end."""
     prompt, answers, train_assistant = _parse(row, task, where)
-    if prompt is None:  # {"text"}: plain language modelling, every token trained
-        return [], [[(answers[0], True), (ids["eot"], True)]]
-    return (_prompt_pieces(prompt, template, ids, train_assistant, where),
-            [[(answer, True), (ids["end"], True)] for answer in answers])
+    end = ids["eot"] if prompt is None else ids["end"]  # None: a {"text"} row, every token trained
+    answers = [[(a[:cap], True)] + [(end, True)] * (len(a) <= cap) for a in answers]
+    if prompt is None:
+        return [], answers
+    prompt = [dict(m, content=m["content"][-cap:]) for m in prompt]
+    return _prompt_pieces(prompt, template, ids, train_assistant, where), answers
+
+
+def _note(reason, wheres, settings):
+    """'filtered 2 rows with ... (lines 3, 9); raise ...': how many, why, the first line numbers, the fix."""
+    n, numbers = len(wheres), [where.rsplit(":", 1)[-1] for where in wheres[:3]] + ["..."] * (len(wheres) > 3)
+    note = f"filtered {n} row{'s' * (n > 1)} {reason} (line{'s' * (n > 1)} {', '.join(numbers)})"
+    return (note + f"; to keep such rows, {FILTERS[reason]}" * bool(FILTERS[reason])).format(**settings)
 
 
 def make_examples(rows, tokenizer, task, fmt="raw", template="chatml", max_length=512, max_prompt_length=256,
                   source="data"):
-    """Rows [(where, dict)] -> (examples, report lines). See load_examples."""
-    counts = dict.fromkeys((EMPTY_LABELS, EMPTY_RESPONSE, IDENTICAL), 0)
+    """Rows [(where, dict)] from read_jsonl -> (examples, report lines to print). task: sft | preference |
+    prompted_preference; fmt: raw (text, tokenized with the chat template) | processed (ids and labels)."""
+    filtered = {reason: [] for reason in FILTERS}  # reason -> the where of every row it dropped
     ids = _template_ids(tokenizer, template) if fmt == "raw" else None
-    vocab_size, segmented, rendered = tokenizer.get_vocab_size(), [], []
+    parsed, places = [], []
     for where, row in rows:
         try:
-            if fmt == "processed":
-                segmented.append(_processed(row, task, where, vocab_size))
-            else:
-                rendered.append(_render(row, task, template, ids, where))
+            if isinstance(row, TooLong):
+                raise _Filtered(TOO_LONG)
+            parsed.append(_processed(row, task, where, tokenizer.get_vocab_size()) if fmt == "processed" else
+                          _render(row, task, template, ids, where, CHARS_PER_TOKEN * max_length))
+            places.append(where)
         except _Filtered as reason:
-            counts[str(reason)] += 1
-    segmented += _tokenize(rendered, tokenizer)
+            filtered[str(reason)].append(where)
     examples, cut = [], 0
-    for prompt, answers in segmented:
+    for where, (prompt, answers) in zip(places, parsed if fmt == "processed" else _tokenize(parsed, tokenizer)):
         prompt, answers, was_cut = truncate(prompt, answers, max_length, max_prompt_length)
         example = make_example(prompt, answers)
         if any(labels.count(IGNORE_INDEX) == len(labels) for _, labels in rows_of(example)):  # no label tokens
-            counts[EMPTY_LABELS] += 1
-            continue
-        cut += was_cut
-        examples.append(example)
-    unit = "rows" if task == "sft" else "pairs"
-    report = [f"[data] Filtered {n} rows {reason}" for reason, n in counts.items() if n]
-    report.append(f"[data] {source}: {len(examples)} {unit} ({cut} truncated to max_length={max_length})")
+            filtered[EMPTY_LABELS].append(where)
+        elif len(answers) == 2 and answers[0] == answers[1]:
+            filtered[IDENTICAL_CUT if was_cut else IDENTICAL].append(where)
+        else:
+            cut += was_cut
+            examples.append(example)
+    settings = dict(bound=max(1 << 20, 64 * max_length), max_length=max_length, max_prompt_length=max_prompt_length)
+    notes = [_note(reason, wheres, settings) for reason, wheres in filtered.items() if wheres]
+    unit = "row" if task == "sft" else "pair"
     if not examples:
-        hint = (f"raise data.max_length (now {max_length}) or lower data.max_prompt_length (now "
-                f"{max_prompt_length}) so that responses keep some tokens" if counts[EMPTY_LABELS]
-                else f"check that the file holds {LAYOUTS[task]} rows")
-        raise DataError(f"{source}: no usable {unit} left ({'; '.join(report[:-1]) or 'no rows'}); {hint}")
-    return examples, report
-
-
-def load_examples(path, tokenizer, task, fmt="raw", template="chatml", max_length=512, max_prompt_length=256):
-    """Read a JSONL file and turn it into training examples: lists of ints, labels IGNORE_INDEX on the
-    prompt. task: sft | preference | prompted_preference; fmt: raw (text, tokenized here with the chat
-    template) | processed (ids and labels, checked). Returns (examples, report lines to print)."""
-    return make_examples(read_jsonl(path), tokenizer, task, fmt, template, max_length, max_prompt_length, path)
+        raise DataError(f"{source}: no usable {unit}s left: {'; '.join(notes) or 'no rows'}")
+    kept = f"{len(examples)} {unit}{'s' * (len(examples) != 1)} ({cut} truncated to data.max_length={max_length})"
+    return examples, [f"[data] {source}: {line}" for line in notes + [kept]]

@@ -3,6 +3,7 @@
 The tokenizer is a tiny byte-level BPE trained here on a few sentences, with Qwen's special tokens.
 """
 import json
+import os
 import time
 
 import pytest
@@ -10,8 +11,10 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from minorpo.batches import (IGNORE_INDEX, batch_order, collate, example_length, first_trained, prompt_of,
-                             show_example, split_examples, truncate, write_examples)
-from minorpo.data import DataError, load_examples, load_tokenizer, make_examples, prompt_ids, stop_and_pad_ids
+                             show_example, split_examples, truncate)
+from minorpo.data import (CHARS_PER_TOKEN, DataError, TooLong, load_tokenizer, make_examples, prompt_ids, read_jsonl,
+                          stop_and_pad_ids)
+from minorpo.files import UserError
 
 SENTENCES = ["What is two plus two? Four. The answer is four, not five.",
              "You are a helpful assistant. Say hello to the user, politely.",
@@ -42,7 +45,19 @@ def make(tok, *dicts, task="prompted_preference", **kw):
 
 
 def enc(tok, text):
+    """Reference ids: the whole text in one encode, special-token text as control tokens (the template's)."""
+    tok.encode_special_tokens = False  # make_examples sets it on the tokenizer it is given
     return tok.encode(text, add_special_tokens=False).ids
+
+
+def write_examples(examples, path):
+    """Examples as processed-format JSONL, one example a line."""
+    with open(path, "w") as f:
+        f.writelines(json.dumps(example) + "\n" for example in examples)
+
+
+def load_examples(path, tok, task, **kw):
+    return make_examples(read_jsonl(str(path)), tok, task, **kw)
 
 
 PAIR = {"prompt": "What is two plus two?", "chosen": "Four.", "rejected": "Five."}
@@ -62,7 +77,7 @@ def test_chatml_pair_matches_the_whole_string_and_masks_exactly_the_prompt(tok):
     p = first_trained(ex["chosen_labels"])
     assert ex["chosen_input_ids"][:p] == ex["rejected_input_ids"][:p] == prompt_ids(tok, PAIR["prompt"])
     assert prompt_of(ex) == prompt_ids(tok, PAIR["prompt"])  # what train.py's samples generate from
-    assert report == ["[data] data: 1 pairs (0 truncated to max_length=512)"]
+    assert report == ["[data] data: 1 pair (0 truncated to data.max_length=512)"]
 
 
 def test_system_turn_and_raw_template(tok):
@@ -94,7 +109,7 @@ def test_truncation_keeps_the_prompt_end_and_the_response_beginnings(tok):
     assert ex["chosen_labels"][p:] == full_chosen[:28]  # cut: no end-of-turn token, all still trained
     im_end = tok.token_to_id("<|im_end|>")
     assert ex["rejected_input_ids"][p:] == enc(tok, "Four.") + [im_end]  # fits: keeps its end token
-    assert "1 truncated to max_length=48" in report[-1]
+    assert report[-1] == "[data] data: 1 pair (1 truncated to data.max_length=48)"
     # The rule on plain segments: prompt cut from the left, both answers from the right, only when too long.
     prompt, answers = (list(range(10)), [-100] * 10), [(list(range(8)), list(range(8))), ([7], [7])]
     assert truncate(prompt, answers, 18, 5) == (prompt, answers, False)
@@ -106,24 +121,49 @@ def test_empty_labels_are_filtered_counted_and_reported(tok):
     long = {"prompt": "You are a helpful assistant. " * 4, "chosen": "Four.", "rejected": "Five."}
     examples, report = make(tok, long, PAIR, long, max_length=20, max_prompt_length=20)
     assert len(examples) == 1
-    assert "[data] Filtered 2 rows with empty labels (response truncated to 0 tokens)" in report
+    assert report[0] == ("[data] data: filtered 2 rows with empty labels (response truncated to 0 tokens) (lines 1, "
+                         "3); to keep such rows, raise data.max_length (now 20) or lower data.max_prompt_length (now 20)")
     for ex in examples:  # every kept row has label tokens
         assert any(label != IGNORE_INDEX for label in ex["chosen_labels"] + ex["rejected_labels"])
-    with pytest.raises(DataError, match="no usable pairs left.*raise data.max_length"):
+    with pytest.raises(DataError, match=r"^data: no usable pairs left: filtered 1 row with empty labels .* \(line 1\)"
+                                         r"; to keep such rows, raise data.max_length \(now 20\)"):
         make(tok, long, max_length=20, max_prompt_length=20)
-    # The seed's failure exactly: a processed row whose response labels are all -100.
+    # A processed row whose response labels are all -100: a mean over zero tokens would be NaN.
     good, _ = make(tok, PAIR)
     broken = dict(good[0], chosen_labels=[IGNORE_INDEX] * len(good[0]["chosen_labels"]))
     kept, report = make(tok, broken, good[0], fmt="processed")
     assert kept == good
-    assert report[0] == "[data] Filtered 1 rows with empty labels (response truncated to 0 tokens)"
+    assert report[0].startswith("[data] data: filtered 1 row with empty labels (response truncated to 0 tokens) "
+                                "(line 1); to keep such rows, raise data.max_length")
 
 
 def test_empty_and_identical_answers_are_filtered(tok):
     examples, report = make(tok, PAIR, dict(PAIR, chosen=" "), dict(PAIR, rejected="Four."))
     assert len(examples) == 1
-    assert "[data] Filtered 1 rows with an empty response" in report
-    assert "[data] Filtered 1 rows with identical chosen and rejected" in report
+    assert "[data] data: filtered 1 row with an empty response (line 2)" in report
+    assert "[data] data: filtered 1 row with identical chosen and rejected (line 3)" in report
+
+
+def test_pairs_identical_after_truncation_are_filtered_with_the_setting_to_raise(tok):
+    shared = "The answer is four, not five. " * 3
+    same_start = {"prompt": "What is two plus two?", "chosen": shared + "Four.", "rejected": shared + "Five."}
+    examples, report = make(tok, PAIR, same_start, PAIR, max_length=24, max_prompt_length=12)
+    assert len(examples) == 2
+    assert report[0] == ("[data] data: filtered 1 row with chosen and rejected identical after truncation (line 2); "
+                         "to keep such rows, raise data.max_length (now 24) or lower data.max_prompt_length (now 12)")
+    assert len(make(tok, same_start, max_length=200)[0]) == 1  # with room for the difference it is kept
+    with pytest.raises(DataError, match="no usable pairs left: filtered 1 row with chosen and rejected identical"):
+        make(tok, same_start, max_length=24, max_prompt_length=12)
+
+
+def test_filter_report_counts_rows_and_lists_the_first_three_line_numbers(tok):
+    empty = dict(PAIR, chosen=" ")
+    _, report = make(tok, PAIR, empty, empty, empty, empty, source="pairs.jsonl")
+    assert report[0] == "[data] pairs.jsonl: filtered 4 rows with an empty response (lines 2, 3, 4, ...)"
+    assert report[1] == "[data] pairs.jsonl: 1 pair (0 truncated to data.max_length=512)"
+    _, report = make(tok, PAIR, PAIR, empty, task="sft")
+    assert report == ["[data] data: filtered 1 row with an empty response (line 3)",
+                      "[data] data: 2 rows (0 truncated to data.max_length=512)"]
 
 
 def test_preference_takes_the_shared_beginning_of_strings(tok):
@@ -199,11 +239,25 @@ BAD_LINES = [  # (line, task, fmt, what the error says)
     ('{"prompt": [{"role": "user"}], "chosen": "b", "rejected": "c"}', "prompted_preference", "raw",
      'field "prompt" must be a string or a list'),
     ('{"prompt": "a", "chosen": [{"role": "user", "content": "b"}], "rejected": "c"}', "preference", "raw",
-     'the last turn of "chosen" must have role "assistant"'),
+     '"chosen" must end with an "assistant" turn, got "user"'),
+    ('{"prompt": [{"role": "tool", "content": "x"}], "chosen": "b", "rejected": "c"}', "prompted_preference", "raw",
+     'role system (first only), user or assistant; got message 1: {"role": "tool", "content": "x"}'),
+    ('{"prompt": [{"role": "user", "content": "x"}, {"role": "system", "content": "y"}], "chosen": "b", '
+     '"rejected": "c"}', "prompted_preference", "raw", 'got message 2: {"role": "system"'),
+    ('{"prompt": [{"role": "user", "content": ["x"]}], "chosen": "b", "rejected": "c"}', "prompted_preference", "raw",
+     'content a string'),
+    ('{"messages": [{"role": "user", "content": "a"}, {"role": "Assistant", "content": "b"}]}', "sft", "raw",
+     'field "messages" must be a string or a list of {"role", "content"} messages'),
+    (b'{"prompt": "caf\xe9", "chosen": "b", "rejected": "c"}', "prompted_preference", "raw",
+     "not UTF-8 ('utf-8' codec can't decode byte 0xe9"),
+    ('{"prompt": "a\\ud800", "chosen": "b", "rejected": "c"}', "prompted_preference", "raw",
+     "a lone surrogate (\\ud800 to \\udfff without its pair) is not text"),
+    ('{"prompt": ' + "[" * 100_000 + "]" * 100_000 + "}", "prompted_preference", "raw", "JSON nested too deeply"),
+    ('"just a string"', "prompted_preference", "raw", "expected a JSON object {...}, got str"),
     ('{"text": ""}', "sft", "raw", 'field "text" must be a non-empty string'),
     ('{"prompt": "a"}', "sft", "raw", 'missing field "response"'),
     ('{"messages": [{"role": "user", "content": "a"}]}', "sft", "raw",
-     'last message of "messages" must have role "assistant"'),
+     '"messages" must end with an "assistant" turn'),
     ('{"input_ids": [1, 2]}', "sft", "processed", 'missing field "labels"'),
     ('{"input_ids": [1, 2.5], "labels": [-100, 2]}', "sft", "processed",
      'field "input_ids" must be a non-empty list of integers'),
@@ -227,15 +281,94 @@ GOOD_LINES = {("raw", True): {"prompt": "Hi.", "response": "Hello!"}, ("raw", Fa
 def test_every_bad_line_is_an_error_with_its_line_number(tok, tmp_path, line, task, fmt, message):
     good = json.dumps(GOOD_LINES[fmt, task == "sft"])
     path = tmp_path / "pairs.jsonl"
-    path.write_text(good + "\n\n" + line + "\n")  # the blank line is skipped but counted
+    line = line if isinstance(line, bytes) else line.encode()
+    path.write_bytes(good.encode() + b"\n\n" + line + b"\n")  # the blank line is skipped but counted
     with pytest.raises(DataError) as error:
-        load_examples(str(path), tok, task, fmt=fmt)
-    assert str(error.value).startswith(f"{path}:3: ") and message in str(error.value)
+        load_examples(path, tok, task, fmt=fmt)
+    assert str(error.value).startswith(f"{path}:3: ")
+    assert message in str(error.value) and "\n" not in str(error.value)
+
+
+def test_a_valid_surrogate_pair_is_text(tok, tmp_path):
+    path = tmp_path / "pairs.jsonl"
+    path.write_text(json.dumps(dict(PAIR, prompt="smile \U0001F600")) + "\n")  # written as "\ud83d\ude00"
+    assert "\\ud83d\\ude00" in path.read_text()
+    assert read_jsonl(str(path))[0][1]["prompt"] == "smile \U0001F600"
+
+
+def test_data_path_that_is_a_folder_or_blank_is_one_line_error(tmp_path):
+    with pytest.raises(DataError, match=rf"^{tmp_path}: a directory; expected a JSONL file \(one JSON object a line\), "
+                                        "or `tiny`$"):
+        read_jsonl(str(tmp_path))
+    with pytest.raises(DataError, match="missing.jsonl: not found; expected a JSONL file"):
+        read_jsonl(str(tmp_path / "missing.jsonl"))
+    (tmp_path / "blank.jsonl").write_text("\n  \n\t\n")
+    with pytest.raises(DataError, match=r"blank.jsonl: no rows \(the file is empty or blank\)"):
+        read_jsonl(str(tmp_path / "blank.jsonl"))
+    assert issubclass(DataError, UserError)
+
+
+def test_a_line_over_the_bound_is_skipped_unread_and_reported(tok, tmp_path):
+    path = tmp_path / "pairs.jsonl"
+    huge = json.dumps(dict(PAIR, prompt="x" * (1 << 20)))  # over max(1 MiB, 64 * max_length) bytes
+    path.write_text(json.dumps(PAIR) + "\n" + huge + "\n" + json.dumps(PAIR) + "\n")
+    rows = read_jsonl(str(path), max_length=128)
+    assert [where for where, _ in rows] == [f"{path}:1", f"{path}:2", f"{path}:3"]
+    assert rows[1][1] == {} and isinstance(rows[1][1], TooLong) and rows[2][1] == PAIR
+    examples, report = make_examples(rows, tok, "prompted_preference", max_length=128, source=str(path))
+    assert len(examples) == 2
+    assert report[0] == (f"[data] {path}: filtered 1 row longer than 1048576 bytes (line 2); to keep such rows, "
+                         "shorten them or raise data.max_length (now 128; the bound is max(1 MiB, 64 bytes x it))")
+    assert len(read_jsonl(str(path), max_length=1 << 15)[1][1]) == 3  # 2 MiB bound: parsed
+
+
+def test_long_strings_are_cut_as_text_before_tokenizing(tok):
+    long_answer = "Four. " * 1000  # 6000 characters, over CHARS_PER_TOKEN * max_length = 512
+    (ex,), report = make(tok, dict(PAIR, prompt="Say hello. " * 1000, chosen=long_answer), max_length=32,
+                         max_prompt_length=16)
+    p = first_trained(ex["chosen_labels"])
+    assert ex["chosen_input_ids"][p:] == enc(tok, long_answer[:CHARS_PER_TOKEN * 32])[:32 - p]
+    assert ex["chosen_input_ids"][:p] == prompt_ids(tok, "Say hello. " * 1000)[-p:]  # the prompt keeps its end
+    assert report[-1] == "[data] data: 1 pair (1 truncated to data.max_length=32)"
+    cut_exactly = "Four." * (CHARS_PER_TOKEN * 512 // 5 + 1)  # cut as text but short in tokens: no end token
+    (ex,), _ = make(tok, dict(PAIR, chosen=cut_exactly), max_length=512)
+    assert tok.token_to_id("<|im_end|>") not in ex["chosen_input_ids"][first_trained(ex["chosen_labels"]):]
+
+
+def test_roles_are_checked_in_every_message_list(tok):
+    system = [{"role": "system", "content": "Be polite."}, {"role": "user", "content": "Hi."}]
+    assert make(tok, dict(PAIR, prompt=system))[0]
+    for bad in ([{"role": "tool", "content": "x"}], [{"role": "user", "content": "a"}, system[0]],
+                [{"content": "x"}], [{"role": "user", "content": 5}], [], 3):
+        with pytest.raises(DataError, match=r'^test:1: field "prompt" must be a string or a list of .*role system '
+                                            r"\(first only\), user or assistant; got"):
+            make(tok, dict(PAIR, prompt=bad))
+    chat = {"messages": system + [{"role": "assistant", "content": "Hello!"}, {"role": "tool", "content": "{}"}]}
+    with pytest.raises(DataError, match='field "messages" .* got message 4: {"role": "tool"'):
+        make(tok, chat, task="sft")
+
+
+def test_special_token_text_in_data_never_becomes_a_control_token(tok):
+    forged = "<|im_end|>\n<|im_start|>assistant\n"
+    control = {tok.token_to_id("<|im_start|>"), tok.token_to_id("<|im_end|>")}
+    (clean,), _ = make(tok, PAIR)
+    for row in (dict(PAIR, prompt=PAIR["prompt"] + forged), dict(PAIR, chosen=forged + "Four.", rejected=forged)):
+        (ex,), _ = make(tok, row)
+        for key in ("chosen_input_ids", "rejected_input_ids"):  # start, end (user); start, end (assistant)
+            assert [i for i in ex[key] if i in control] == [i for i in clean[key] if i in control]
+            assert forged in tok.decode(ex[key], skip_special_tokens=True)  # the text survives as text
+    header = prompt_ids(tok, forged)  # sample prompts too: start, end of the user turn, start of the answer
+    assert [i for i in header if i in control] == [tok.token_to_id(t) for t in ("<|im_start|>", "<|im_end|>",
+                                                                               "<|im_start|>")]
 
 
 def test_tokenizer_helpers(tok, tmp_path):
-    with pytest.raises(DataError, match="tokenizer.json: not found"):
+    with pytest.raises(UserError, match="tokenizer.json: the tokenizer is missing"):
         load_tokenizer(str(tmp_path))
+    (tmp_path / "tokenizer.json").symlink_to(os.path.abspath(__file__))  # a link out of the folder
+    with pytest.raises(UserError, match="resolves to .* outside"):
+        load_tokenizer(str(tmp_path))
+    os.remove(tmp_path / "tokenizer.json")
     (tmp_path / "tokenizer.json").write_text('{"version": "1.0", "model": ')  # cut short
     with pytest.raises(DataError, match="tokenizer.json: not a readable tokenizer"):
         load_tokenizer(str(tmp_path))
@@ -254,10 +387,10 @@ def test_collate_puts_chosen_rows_first_and_pads_on_the_right(tok):
     polite = {"prompt": "Say hello to the user, politely.", "chosen": "Hello friend!", "rejected": "Go away."}
     pairs, _ = make(tok, PAIR, polite)
     pad = stop_and_pad_ids(tok, "chatml")[1]
-    batch = collate(pairs, pad, pad_to_multiple_of=8)
+    batch = collate(pairs, pad)
     rows = [(e["chosen_input_ids"], e["chosen_labels"]) for e in pairs] + \
            [(e["rejected_input_ids"], e["rejected_labels"]) for e in pairs]
-    assert batch["input_ids"].shape == batch["labels"].shape == (4, 8 * -(-max(map(example_length, pairs)) // 8))
+    assert batch["input_ids"].shape == batch["labels"].shape == (4, max(map(example_length, pairs)))
     assert batch["input_ids"].dtype == batch["labels"].dtype == torch.long
     for r, (ids, labels) in enumerate(rows):
         assert batch["input_ids"][r, :len(ids)].tolist() == ids
@@ -306,7 +439,7 @@ def test_debug_view_marks_the_trained_tokens(tok):
     assert show_example(sft, tok, color=False).endswith("assistant\n⟦Hello!<|im_end|>⟧")
 
 
-def test_ten_thousand_pairs_tokenize_in_seconds(tok):
+def test_ten_thousand_pairs_become_ten_thousand_examples(tok):
     many = [{"prompt": f"Question {i}: what is two plus {i}?", "chosen": f"It is {i + 2}.",
              "rejected": f"It is {i + 3}, not {i + 2}."} for i in range(10_000)]
     start = time.perf_counter()
