@@ -83,16 +83,16 @@ if master:
 if ddp:
     dist.barrier()  # rank 0 has written the tiny model and data, and checked the run folder
 tokenizer = data.load_tokenizer(model_dir)
-rows = data.read_jsonl(data_path)
+rows = data.read_jsonl(data_path, max_length=data_cfg["max_length"])
 if data_cfg["eval_path"]:
-    train_rows, eval_rows = rows, data.read_jsonl(data_cfg["eval_path"])
+    train_rows, eval_rows = rows, data.read_jsonl(data_cfg["eval_path"], max_length=data_cfg["max_length"])
 else:  # split the rows, not the examples, so the held-out set does not depend on filtering
     train_rows, eval_rows = batches.split_examples(rows, data_cfg["eval_fraction"], cfg["seed"])
 lengths = dict(fmt=data_cfg["format"], template=data_cfg["template"], max_length=data_cfg["max_length"],
                max_prompt_length=data_cfg["max_prompt_length"])
 train_set, filter_lines = data.make_examples(train_rows, tokenizer, data_cfg["task"], source=data_path, **lengths)
 # An SFT run on preference rows still evaluates the pairs, to watch the rejected answers (paper, Fig. 7).
-pairs = eval_rows and any(k in eval_rows[0][1] for k in ("rejected", "rejected_input_ids"))
+pairs = any(k in next((row for _, row in eval_rows if row), {}) for k in ("rejected", "rejected_input_ids"))
 eval_task = "prompted_preference" if data_cfg["task"] == "sft" and pairs else data_cfg["task"]
 eval_set, eval_filter_lines = data.make_examples(
     eval_rows, tokenizer, eval_task, source=data_cfg["eval_path"] or f"{data_path} (held out)", **lengths
