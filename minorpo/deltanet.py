@@ -26,7 +26,7 @@ Decisions:
 - The recurrence runs in fp32 whatever the model dtype and the state is kept in fp32 (the checkpoints'
   mamba_ssm_dtype), as the reference does: the state sums many small decayed terms, which bf16 would drop.
 - Right padding needs no mask: the convolution and the recurrence are causal, so the pad tokens after a
-  row's end never reach its real tokens (the argument DESIGN.md makes for attention).
+  row's end never reach its real tokens (the same reason causal attention needs no padding mask for them).
 - Value heads may outnumber key heads (Qwen3.5-9B: 32 and 16): each query/key head then serves
   n_v / n_k consecutive value heads, as in grouped-query attention.
 - `conv1d` is an nn.Conv1d without padding, given the K − 1 previous inputs explicitly: zeros at the

@@ -9,7 +9,7 @@ the rejected answer makes one mistake (two neighbouring items swapped). The two 
 token, in almost the same order, so SFT on the chosen answers also raises the rejected ones (the ORPO
 paper's Figure 7), while ORPO's odds-ratio term pushes them apart (its Figure 3). The held-out pairs
 use lists the model has never seen, so preference accuracy there measures a learned rule.
-Everything is generated deterministically from the seed.
+Everything is generated deterministically from the `seed` argument.
 """
 import json
 import os
