@@ -8,12 +8,18 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from minorpo.checkpoint import CheckpointError, load_model, load_model_config, resolve, save_model
-from minorpo.files import atomic_folder, save_safetensors
+from minorpo.checkpoint import CheckpointError, load_model, load_model_config, resolve, write_model
+from minorpo.files import UserError, atomic_folder, save_safetensors
 from minorpo.model import ModelConfig, Qwen
 
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
 QWEN2, QWEN3 = os.path.join(FIXTURES, "qwen2-tiny"), os.path.join(FIXTURES, "qwen3-tiny")
+
+
+def save_model(model, folder, tokenizer_from=None, dtype=None):
+    """A checkpoint folder written atomically, as train.py writes final/."""
+    with atomic_folder(folder) as tmp:
+        write_model(model, tmp, tokenizer_from, dtype)
 
 
 def reference(folder):
@@ -162,12 +168,12 @@ def test_damaged_weights_and_index_are_named(tmp_path):
         data = f.read()
     with open(path, "wb") as f:
         f.write(data[:len(data) // 2])  # a download cut short
-    with pytest.raises(CheckpointError, match=r"model.safetensors: not a readable safetensors file"):
+    with pytest.raises(UserError, match=r"model.safetensors: not a readable safetensors file"):
         load_model(folder)
     sharded = copy_fixture(tmp_path, QWEN3)
     with open(os.path.join(sharded, "model.safetensors.index.json"), "w") as f:
         f.write('{"metadata": {}}')
-    with pytest.raises(CheckpointError, match=r"index.json: not a valid index"):
+    with pytest.raises(UserError, match=r"index.json: not a valid index"):
         load_model(sharded)
 
 
@@ -234,5 +240,5 @@ def test_hub_id_not_in_the_cache_says_how_to_download(tmp_path, monkeypatch):
     with pytest.raises(CheckpointError, match=r"Qwen/Qwen3-0.6B: not a folder.*"
                                               r"huggingface-cli download Qwen/Qwen3-0.6B"):
         load_model("Qwen/Qwen3-0.6B")
-    with pytest.raises(CheckpointError, match=r"no/such/folder: no such checkpoint folder"):
+    with pytest.raises(CheckpointError, match=r"no/such/folder: no such folder; model_name takes a checkpoint"):
         resolve("no/such/folder")
