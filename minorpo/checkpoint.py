@@ -30,6 +30,7 @@ Decisions:
 """
 import dataclasses
 import json
+import math
 import os
 import re
 import shutil
@@ -113,19 +114,19 @@ def check_fields(path, config_class, fields):
     is 1 .. its limit and each float finite and above 0: checked before anything is built from them."""
     for field in dataclasses.fields(config_class):
         value, allowed = fields.get(field.name), typing.get_args(field.type) or (field.type,)
-        limit = LIMITS.get(field.name, 1 << 20) if int in allowed else 1 if field.name == "partial_rotary_factor" \
-            else float("inf")
+        limit, share = LIMITS.get(field.name, 1 << 20), field.name == "partial_rotary_factor"  # a share: <= 1
         if field.name not in fields or value is None and type(None) in allowed:
             continue
         if not isinstance(value, allowed + ((int,) if float in allowed else ())) or isinstance(value, bool) \
                 and bool not in allowed:
-            problem = f"expected {' or '.join(JSON_TYPES[kind] for kind in allowed)}"
-        elif isinstance(value, (int, float)) and not isinstance(value, bool) and not field.name.endswith("_id") \
-                and not (0 < value <= limit and value != float("inf")):
-            problem = f"expected a number above 0 and at most {limit}"
+            expected = " or ".join(JSON_TYPES[kind] for kind in allowed)
+        elif int in allowed and not field.name.endswith("_id") and not 1 <= value <= limit:
+            expected = f"1 .. {limit}"
+        elif float in allowed and not (math.isfinite(value) and 0 < value and (value <= 1 or not share)):
+            expected = "a finite number above 0" + (" and at most 1" if share else "")
         else:
             continue
-        raise CheckpointError(f"{path}: {field.name} is {json.dumps(value)[:50]}, {problem}; {FIX}")
+        raise CheckpointError(f"{path}: {field.name} is {json.dumps(value)[:50]}, expected {expected}; {FIX}")
 
 
 def load_model_config(folder):
