@@ -15,11 +15,10 @@ Decisions:
   read lies inside the folder (inside models--org--name for a Hub snapshot), shard names are plain file
   names, config.json fields have their type and a sane range, and the safetensors headers (floating
   dtypes, each tensor in one shard, every shape) agree with config.json. Errors name the file and field.
-- Loading is strict: exactly the tensors config.json implies, with their shapes; a silently missing
-  one would leave random weights in a model that looks loaded. A tied model (tie_word_embeddings)
-  stores no lm_head.weight; a stored copy is ignored, as transformers does.
-- The model is built on the meta device, then the checkpoint's tensors are cast to the chosen dtype and
-  device one at a time and assigned: no random initialisation, no fp32 copy of a bf16 checkpoint.
+- Loading is strict: exactly the tensors config.json implies, with their shapes (a tied model stores no
+  lm_head.weight; a stored copy is ignored, as transformers does); a silently missing one would leave
+  random weights. The model is built on "meta", then each tensor is cast to the dtype and device and
+  assigned: no random initialisation, no fp32 copy of a bf16 checkpoint.
 - config.json's model_type picks the model class (MODELS). Qwen3.5 ships as a vision-language checkpoint
   (qwen3_5): the text model's config is its text_config, its weights model.language_model.*, beside
   model.visual.* and mtp.* (vision encoder, multi-token prediction), which minorpo skips. It is saved
@@ -52,12 +51,9 @@ MODELS = {"qwen2": (ModelConfig, Qwen, "Qwen2ForCausalLM"), "qwen3": (ModelConfi
 VISION_LANGUAGE = {"qwen3_5": "qwen3_5_text"}  # a vision-language model_type -> its text model's
 TEXT_PREFIX, UNUSED_PREFIXES = "model.language_model.", ("model.visual.", "mtp.")  # in a qwen3_5 checkpoint
 DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
-REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
-# the largest value of an integer config.json field (default 2^20): far above any real model, and low
-# enough that building the model on the meta device stays quick
+# the most an integer config.json field may be (else 2^20): far above real models, quick to build on "meta"
 LIMITS = {"num_hidden_layers": 1024, "hidden_size": 65536, "vocab_size": 1 << 22, "max_position_embeddings": 1 << 22}
-JSON_TYPES = {int: "an integer", float: "a number", bool: "true or false", str: "a string", list: "a list",
-              type(None): "null"}
+JSON_TYPES = {int: "an integer", float: "a number", bool: "true or false", str: "a string", list: "a list"}
 FIX = "download the checkpoint again"
 
 
@@ -110,23 +106,25 @@ def resolve(model_name):
 
 
 def check_fields(path, config_class, fields):
-    """Each config.json field has its dataclass type (true is not an int, an int is a float), each size
-    is 1 .. its limit and each float finite and above 0: checked before anything is built from them."""
+    """Each config.json field is present if required, has its dataclass type (true is not an int, an int is
+    a float), each size is 1 .. its limit, each float finite and above 0: before anything is built."""
     for field in dataclasses.fields(config_class):
         value, allowed = fields.get(field.name), typing.get_args(field.type) or (field.type,)
         limit, share = LIMITS.get(field.name, 1 << 20), field.name == "partial_rotary_factor"  # a share: <= 1
-        if field.name not in fields or value is None and type(None) in allowed:
+        if field.name not in fields and field.default is not dataclasses.MISSING or value is None and type(None) \
+                in allowed:
             continue
         if not isinstance(value, allowed + ((int,) if float in allowed else ())) or isinstance(value, bool) \
                 and bool not in allowed:
-            expected = " or ".join(JSON_TYPES[kind] for kind in allowed)
+            expected = " or ".join(JSON_TYPES.get(kind, "null") for kind in allowed)
         elif int in allowed and not field.name.endswith("_id") and not 1 <= value <= limit:
             expected = f"1 .. {limit}"
         elif float in allowed and not (math.isfinite(value) and 0 < value and (value <= 1 or not share)):
             expected = "a finite number above 0" + (" and at most 1" if share else "")
         else:
             continue
-        raise CheckpointError(f"{path}: {field.name} is {json.dumps(value)[:50]}, expected {expected}; {FIX}")
+        found = json.dumps(value)[:50] if field.name in fields else "missing"
+        raise CheckpointError(f"{path}: {field.name} is {found}, expected {expected}; {FIX}")
 
 
 def load_model_config(folder):
@@ -149,13 +147,10 @@ def load_model_config(folder):
         raise CheckpointError(f"{path}: sliding-window attention is not supported; set use_sliding_window: false")
     if raw.get("hidden_act", "silu") != "silu":
         raise CheckpointError(f"{path}: hidden_act {raw['hidden_act']!r:.50} is not supported; Qwen uses silu")
-    missing = [key for key in REQUIRED if key not in raw]
-    if missing:
-        raise CheckpointError(f"{path}: missing {', '.join(missing)}; {FIX}")
     config_class = MODELS[raw["model_type"]][0]
     names = {f.name for f in dataclasses.fields(config_class)}
     fields = {name: raw[name] for name in names if name in raw}
-    fields["num_key_value_heads"] = raw.get("num_key_value_heads") or raw["num_attention_heads"]
+    fields["num_key_value_heads"] = raw.get("num_key_value_heads") or raw.get("num_attention_heads")
     for name in ("rope_theta", "partial_rotary_factor"):  # in rope_parameters since transformers 5
         if name in names and rope.get(name, raw.get(name)) is not None:
             fields[name] = rope.get(name, raw.get(name))
@@ -190,10 +185,9 @@ def weight_files(folder):
         return [model_file(folder, shard, "shard") for shard in sorted(set(shards.values()))]
     if os.path.lexists(os.path.join(folder, WEIGHTS)):
         return [model_file(folder, WEIGHTS, "weights file")]
-    pickled = [n for n in ("pytorch_model.bin", "pytorch_model.bin.index.json")
-               if os.path.exists(os.path.join(folder, n))]
-    hint = (f"; {pickled[0]} is not read (minorpo never unpickles): convert it with transformers' "
-            "save_pretrained(safe_serialization=True)") if pickled else ""
+    pickled = [n for n in ("pytorch_model.bin", "pytorch_model.bin.index.json") if os.path.exists(os.path.join(folder, n))]
+    hint = f"; {pickled[0]} is not read (minorpo never unpickles): convert it with transformers' " \
+        "save_pretrained(safe_serialization=True)" if pickled else ""
     raise CheckpointError(f"{folder}: no weights, expected {WEIGHTS} or {INDEX}{hint}")
 
 

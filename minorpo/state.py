@@ -6,11 +6,11 @@ A checkpoint is a folder `<run>/step_000100/` holding
     state.json             step, data position (epoch, batch index), what the position depends on
                            (seed, batch size, accumulation, ranks, train-set size), names, AdamW groups
 Decisions:
-- No pickle anywhere (no torch.save / torch.load): tensors go to safetensors, the rest to JSON, so a
-  checkpoint cannot run code when loaded. It is read through files.file_inside, and every key, type and
-  shape is checked, so a damaged one is a one-line error naming the file, never a half-restored run.
-- Frozen base weights are not saved: they are re-read from the base checkpoint, which also keeps
-  LoRA checkpoints small. AdamW's hyperparameters come from the config, only its moments from here.
+- No pickle (no torch.save / torch.load): tensors go to safetensors, the rest to JSON, so a checkpoint
+  cannot run code. It is read through files.file_inside and every key, type and shape is checked first:
+  a damaged one is a one-line error naming the file, never a half-restored run.
+- Frozen base weights are not saved: they are re-read from the base checkpoint. AdamW's hyperparameters
+  are restored from the config (state.json keeps them for reference): a checkpoint holds what training changed.
 - No RNG state is saved: train.py seeds every step from (seed, step, rank), so dropout masks do not
   depend on history and a resumed run continues bit for bit, on any number of ranks.
 - Writes are atomic (files.atomic_folder) and refuse NaN or inf (files.NonFiniteError), so a later
