@@ -2,50 +2,47 @@
 
     folder = resolve("Qwen/Qwen3-0.6B")       # a folder, or a Hub id found in the local Hugging Face cache
     model = load_model(folder, dtype=torch.bfloat16, device="cuda")
-    save_model(model, "outputs/run/final", tokenizer_from=folder)
+    with atomic_folder("outputs/run/final") as tmp:
+        write_model(model, tmp, tokenizer_from=folder)
 
-References: the safetensors format (github.com/huggingface/safetensors); a sharded checkpoint's
-model.safetensors.index.json maps tensor names to shard files ({"weight_map": {name: file}}); the Hugging
-Face cache keeps a Hub repo in hub/models--{org}--{name}/, with the commit of `main` in refs/main and the
-files in snapshots/{commit}/.
+A sharded checkpoint's model.safetensors.index.json maps tensor names to shard files ({"weight_map":
+{name: file}}); the Hugging Face cache keeps a Hub repo in hub/models--{org}--{name}/, the commit of
+`main` in refs/main, the files in snapshots/{commit}/ as links into blobs/.
 
 Decisions:
 - Never torch.load or pickle: a checkpoint is data, and reading safetensors cannot run code.
-- Loading is strict: every tensor that config.json implies must be present with its exact shape, and no
-  other; a mismatch is a one-line CheckpointError naming the file, the tensor and both shapes. A silently
-  missing tensor would leave random weights in a model that looks loaded.
-- The model is built on the meta device, then the checkpoint's tensors are cast to the chosen dtype and
-  device one at a time and assigned: no random initialisation, no fp32 copy of a bf16 checkpoint.
-- A tied model (tie_word_embeddings) stores no lm_head.weight: the head is the embedding matrix. A copy
-  stored in a tied checkpoint is ignored, as transformers does.
+- A model folder can come from anyone, so all of it is checked before memory is allocated: each file
+  read lies inside the folder (inside models--org--name for a Hub snapshot), shard names are plain file
+  names, config.json fields have their type and a sane range, and the safetensors headers (floating
+  dtypes, each tensor in one shard, every shape) agree with config.json. Errors name the file and field.
+- Loading is strict: exactly the tensors config.json implies, with their shapes (a tied model stores no
+  lm_head.weight; a stored copy is ignored, as transformers does); a silently missing one would leave
+  random weights. The model is built on "meta", then each tensor is cast to the dtype and device and
+  assigned: no random initialisation, no fp32 copy of a bf16 checkpoint.
 - config.json's model_type picks the model class (MODELS). Qwen3.5 ships as a vision-language checkpoint
   (qwen3_5): the text model's config is its text_config, its weights model.language_model.*, beside
   model.visual.* and mtp.* (vision encoder, multi-token prediction), which minorpo skips. It is saved
   text-only (qwen3_5_text, keys model.*), as transformers' Qwen3_5ForCausalLM saves it.
-- config.json is read in both spellings found in the wild, transformers 4 (`rope_theta`, `torch_dtype`)
-  and transformers 5 (`rope_parameters.rope_theta`, `dtype`), and written with both, so either reads it.
-- Writes are atomic (files.atomic_folder): a checkpoint is written into a temporary sibling folder that
-  is renamed into place when complete, so a crash never leaves a half-written checkpoint.
-- No huggingface_hub dependency: a Hub id is looked up in the local cache only, and the error says how
-  to download it.
-- safetensors files are written by files.save_safetensors, because safetensors.torch.save_file imports
-  numpy, which minorpo does not depend on. Reading uses the safetensors library (no numpy needed).
+- config.json is read in the transformers 4 (`rope_theta`, `torch_dtype`) and 5 (`rope_parameters.
+  rope_theta`, `dtype`) spellings, and written with both. No huggingface_hub: a Hub id is looked up
+  in the local cache only, and the error says how to download it.
 """
 import dataclasses
 import json
+import math
 import os
 import re
 import shutil
+import typing
 
 import torch
-from safetensors import SafetensorError, safe_open
 
-from minorpo.files import atomic_folder, save_safetensors
+from minorpo.files import UserError, file_inside, read_json, read_tensors, safetensors_header, save_safetensors
 from minorpo.model import ModelConfig, Qwen
 from minorpo.qwen35 import Qwen35, Qwen35Config
 
 CONFIG, WEIGHTS, INDEX = "config.json", "model.safetensors", "model.safetensors.index.json"
-# copied next to the weights by save_model, when the source folder has them
+# copied next to the weights by write_model, when the source folder has them
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
                    "merges.txt", "added_tokens.json", "chat_template.jinja", "generation_config.json")
 # model_type -> (config class, model class, the transformers class named in a saved config.json)
@@ -54,123 +51,151 @@ MODELS = {"qwen2": (ModelConfig, Qwen, "Qwen2ForCausalLM"), "qwen3": (ModelConfi
 VISION_LANGUAGE = {"qwen3_5": "qwen3_5_text"}  # a vision-language model_type -> its text model's
 TEXT_PREFIX, UNUSED_PREFIXES = "model.language_model.", ("model.visual.", "mtp.")  # in a qwen3_5 checkpoint
 DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
-REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+# the most an integer config.json field may be (else 2^20): far above real models, quick to build on "meta"
+LIMITS = {"num_hidden_layers": 1024, "hidden_size": 65536, "vocab_size": 1 << 22, "max_position_embeddings": 1 << 22}
+JSON_TYPES = {int: "an integer", float: "a number", bool: "true or false", str: "a string", list: "a list"}
+FIX = "download the checkpoint again"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A checkpoint folder that cannot be read or written; the message names the file and the fix."""
 
 
-def hub_cache():
-    """The Hugging Face hub cache folder: $HF_HUB_CACHE, else $HF_HOME/hub, else ~/.cache/huggingface/hub."""
-    if os.environ.get("HF_HUB_CACHE"):
-        return os.environ["HF_HUB_CACHE"]
-    home = os.environ.get("HF_HOME") or os.path.join(os.path.expanduser("~"), ".cache", "huggingface")
-    return os.path.join(home, "hub")
+def model_file(folder, name, what="file"):
+    """The real path of folder/name (files.file_inside), confined to folder, or, for a Hub cache snapshot
+    (models--org--name/snapshots/commit), to models--org--name: its files are links into ../../blobs."""
+    folder = os.path.abspath(folder)
+    repo = os.path.dirname(os.path.dirname(folder))
+    if os.path.basename(os.path.dirname(folder)) == "snapshots" and os.path.basename(repo).startswith("models--"):
+        return file_inside(repo, os.path.relpath(os.path.join(folder, name), repo), what)
+    return file_inside(folder, name, what)
+
+
+def tokenizer_files(folder):
+    """[(name, real path)] of the TOKENIZER_FILES present in folder, each a regular file inside it."""
+    return [(name, model_file(folder, name, "tokenizer file")) for name in TOKENIZER_FILES
+            if os.path.lexists(os.path.join(folder, name))]
 
 
 def resolve(model_name):
-    """The checkpoint folder for model_name: a folder as is, or a Hub id's snapshot in the local cache."""
-    if os.path.isdir(model_name):
-        return model_name
-    if not re.fullmatch(r"[\w.-]+/[\w.-]+", model_name):
-        raise CheckpointError(f"{model_name}: no such checkpoint folder")
-    repo = os.path.join(hub_cache(), "models--" + model_name.replace("/", "--"))
-    snapshots = os.path.join(repo, "snapshots")
-    ref = os.path.join(repo, "refs", "main")
-    if os.path.isfile(ref):  # the commit that `main` pointed to when it was downloaded
-        with open(ref) as f:
-            revision = os.path.join(snapshots, f.read().strip())
-        if os.path.isdir(revision):
-            return revision
-    elif os.path.isdir(snapshots):  # downloaded by commit only: take the newest snapshot
-        revisions = [e.path for e in os.scandir(snapshots) if e.is_dir()]
-        if revisions:
-            return max(revisions, key=os.path.getmtime)
-    raise CheckpointError(f"{model_name}: not a folder, and not in the Hugging Face cache ({repo}); download "
-                          f"it with `huggingface-cli download {model_name}` (or `hf download {model_name}`), "
-                          "or set HF_HOME / HF_HUB_CACHE to the cache that holds it")
+    """The checkpoint folder for model_name: a folder as is, or a Hub id's snapshot in the local cache
+    ($HF_HUB_CACHE, else $HF_HOME/hub, else ~/.cache/huggingface/hub): the commit refs/main names, else
+    the newest. The folder must hold config.json, and its tokenizer files must lie inside it."""
+    folder = model_name if os.path.isdir(model_name) else None
+    if os.path.isfile(model_name) or folder is None and not re.fullmatch(r"[\w.-]+/[\w.-]+", model_name):
+        raise CheckpointError(f"{model_name}: {'a file' if os.path.isfile(model_name) else 'no such folder'}; "
+                              "model_name takes a checkpoint folder (config.json, model.safetensors, "
+                              "tokenizer.json), a Hub id in the local cache, or `tiny`")
+    cache = os.environ.get("HF_HUB_CACHE") or os.path.join(
+        os.environ.get("HF_HOME") or os.path.expanduser(os.path.join("~", ".cache", "huggingface")), "hub")
+    repo = os.path.join(cache, "models--" + model_name.replace("/", "--"))
+    snapshots, ref = os.path.join(repo, "snapshots"), os.path.join(repo, "refs", "main")
+    if folder is None and os.path.isdir(snapshots):
+        revisions = sorted((e for e in os.scandir(snapshots) if e.is_dir()), key=lambda e: e.stat().st_mtime)
+        main = open(ref).read(100).strip() if os.path.isfile(ref) else None
+        folder = next((e.path for e in revisions if e.name == main), revisions[-1].path if revisions else None)
+    if folder is None:
+        raise CheckpointError(f"{model_name}: not a folder, and not in the Hugging Face cache ({repo}); download "
+                              f"it with `huggingface-cli download {model_name}` (or `hf download {model_name}`), "
+                              "or set HF_HOME / HF_HUB_CACHE to the cache that holds it")
+    if not os.path.lexists(os.path.join(folder, CONFIG)):
+        raise CheckpointError(f"{folder}: no config.json; a checkpoint folder holds config.json, tokenizer.json "
+                              "and model.safetensors (or a sharded model.safetensors.index.json)")
+    tokenizer_files(folder)
+    return folder
+
+
+def check_fields(path, config_class, fields):
+    """Each config.json field is present if required, has its dataclass type (true is not an int, an int is
+    a float), each size is 1 .. its limit, each float finite and above 0: before anything is built."""
+    for field in dataclasses.fields(config_class):
+        value, allowed = fields.get(field.name), typing.get_args(field.type) or (field.type,)
+        limit, share = LIMITS.get(field.name, 1 << 20), field.name == "partial_rotary_factor"  # a share: <= 1
+        if field.name not in fields and field.default is not dataclasses.MISSING or value is None and type(None) \
+                in allowed:
+            continue
+        if not isinstance(value, allowed + ((int,) if float in allowed else ())) or isinstance(value, bool) \
+                and bool not in allowed:
+            expected = " or ".join(JSON_TYPES.get(kind, "null") for kind in allowed)
+        elif int in allowed and not field.name.endswith("_id") and not 1 <= value <= limit:
+            expected = f"1 .. {limit}"
+        elif float in allowed and not (math.isfinite(value) and 0 < value and (value <= 1 or not share)):
+            expected = "a finite number above 0" + (" and at most 1" if share else "")
+        else:
+            continue
+        found = json.dumps(value)[:50] if field.name in fields else "missing"
+        raise CheckpointError(f"{path}: {field.name} is {found}, expected {expected}; {FIX}")
 
 
 def load_model_config(folder):
-    """The ModelConfig in folder/config.json, in the transformers 4 or 5 spelling."""
-    path = os.path.join(folder, CONFIG)
-    if not os.path.isfile(path):
-        raise CheckpointError(f"{folder}: no config.json; a checkpoint folder holds config.json and "
-                              "model.safetensors (or a sharded model.safetensors.index.json)")
-    try:
-        with open(path) as f:
-            raw = json.load(f)
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    """The ModelConfig (or Qwen35Config) in folder/config.json, in the transformers 4 or 5 spelling;
+    every field checked for type and range before anything is built from it."""
+    path = model_file(folder, CONFIG, "config.json")
+    raw = read_json(path, FIX)
     if raw.get("model_type") in VISION_LANGUAGE:  # the language model's config, with the top-level tie
-        raw = {"tie_word_embeddings": raw.get("tie_word_embeddings", False), **raw.get("text_config", {}),
-               "model_type": VISION_LANGUAGE[raw["model_type"]]}
+        text = raw.get("text_config")
+        raw = {"tie_word_embeddings": raw.get("tie_word_embeddings", False), **(text if isinstance(text, dict)
+               else {}), "model_type": VISION_LANGUAGE[raw["model_type"]]}
     if raw.get("model_type") not in MODELS:
         raise CheckpointError(f"{path}: model_type {raw.get('model_type')!r} is not supported; minorpo runs "
                               "qwen2 (Qwen2, Qwen2.5), qwen3 (dense Qwen3) and qwen3_5 (dense Qwen3.5) models")
     rope = raw.get("rope_parameters") or raw.get("rope_scaling") or {}  # transformers 5, transformers 4
-    if rope.get("rope_type", rope.get("type", "default")) != "default":
-        raise CheckpointError(f"{path}: RoPE scaling {rope!r} is not supported; remove it from config.json "
+    if not isinstance(rope, dict) or rope.get("rope_type", rope.get("type", "default")) != "default":
+        raise CheckpointError(f"{path}: RoPE scaling {rope!r:.100} is not supported; remove it from config.json "
                               "to run at the trained context length")
     if raw.get("use_sliding_window"):
         raise CheckpointError(f"{path}: sliding-window attention is not supported; set use_sliding_window: false")
     if raw.get("hidden_act", "silu") != "silu":
-        raise CheckpointError(f"{path}: hidden_act {raw['hidden_act']!r} is not supported; Qwen uses silu")
-    missing = [key for key in REQUIRED if key not in raw]
-    if missing:
-        raise CheckpointError(f"{path}: missing {', '.join(missing)}")
+        raise CheckpointError(f"{path}: hidden_act {raw['hidden_act']!r:.50} is not supported; Qwen uses silu")
     config_class = MODELS[raw["model_type"]][0]
     names = {f.name for f in dataclasses.fields(config_class)}
     fields = {name: raw[name] for name in names if name in raw}
-    fields["num_key_value_heads"] = raw.get("num_key_value_heads") or raw["num_attention_heads"]
+    fields["num_key_value_heads"] = raw.get("num_key_value_heads") or raw.get("num_attention_heads")
     for name in ("rope_theta", "partial_rotary_factor"):  # in rope_parameters since transformers 5
         if name in names and rope.get(name, raw.get(name)) is not None:
-            fields[name] = float(rope.get(name, raw.get(name)))
+            fields[name] = rope.get(name, raw.get(name))
     if fields.get("head_dim") is None:
         fields.pop("head_dim", None)
     if raw["model_type"] == "qwen2":
         fields.pop("attention_bias", None)  # not a Qwen2 key: Qwen2 always has a q/k/v bias
+    check_fields(path, config_class, fields)
+    fields.update({name: float(fields[name]) for name in ("rope_theta", "partial_rotary_factor") if name in fields})
     try:
-        return config_class(**fields)
+        cfg = config_class(**fields)
     except (TypeError, ValueError) as e:
-        raise CheckpointError(f"{path}: {e}") from None
-
-
-def _open(path):
-    try:
-        return safe_open(path, framework="pt")
-    except (SafetensorError, OSError) as e:
-        raise CheckpointError(f"{path}: not a readable safetensors file ({e}); download or save it again") from None
+        raise CheckpointError(f"{path}: {e}; {FIX}") from None
+    if cfg.max_position_embeddings * cfg.head_dim > 1 << 28:  # the RoPE tables take positions·head_dim·6 bytes
+        raise CheckpointError(f"{path}: max_position_embeddings · head_dim is over 2^28; lower max_position_embeddings")
+    return cfg
 
 
 def weight_files(folder):
-    """The safetensors files of the checkpoint in folder: one, or the shards its index lists."""
-    index = os.path.join(folder, INDEX)
-    if os.path.isfile(index):
-        try:
-            with open(index) as f:
-                shards = sorted(set(json.load(f)["weight_map"].values()))
-        except (json.JSONDecodeError, KeyError, AttributeError, TypeError) as e:
-            raise CheckpointError(f"{index}: not a valid index ({e!r}); it maps tensor names to shard files "
-                                  'under "weight_map"') from None
-        for shard in shards:
-            if not os.path.isfile(os.path.join(folder, shard)):
-                raise CheckpointError(f"{index}: shard {shard} is missing; download the checkpoint again")
-        return [os.path.join(folder, shard) for shard in shards]
-    if os.path.isfile(os.path.join(folder, WEIGHTS)):
-        return [os.path.join(folder, WEIGHTS)]
-    pickled = [n for n in ("pytorch_model.bin", "pytorch_model.bin.index.json")
-               if os.path.exists(os.path.join(folder, n))]
-    hint = (f"; {pickled[0]} is not read (minorpo never unpickles): convert it with transformers' "
-            "save_pretrained(safe_serialization=True)") if pickled else ""
+    """The real paths of the safetensors files in folder: model.safetensors, or the shards its index lists."""
+    if os.path.lexists(os.path.join(folder, INDEX)):
+        index = model_file(folder, INDEX, "shard index")
+        shards = read_json(index, FIX).get("weight_map")
+        if not isinstance(shards, dict) or not all(isinstance(shard, str) for shard in shards.values()):
+            raise CheckpointError(f'{index}: not a valid index; it maps tensor names to shard files under "weight_map"')
+        for shard in sorted(set(shards.values())):
+            if shard in ("", ".", "..") or "/" in shard or "\\" in shard:
+                raise CheckpointError(f"{index}: shard {shard!r:.100} is not a plain file name; a shard lies "
+                                      "next to the index, and nothing outside the model folder is read")
+            if not os.path.lexists(os.path.join(folder, shard)):
+                raise CheckpointError(f"{index}: shard {shard} is missing; {FIX}")
+        return [model_file(folder, shard, "shard") for shard in sorted(set(shards.values()))]
+    if os.path.lexists(os.path.join(folder, WEIGHTS)):
+        return [model_file(folder, WEIGHTS, "weights file")]
+    pickled = [n for n in ("pytorch_model.bin", "pytorch_model.bin.index.json") if os.path.exists(os.path.join(folder, n))]
+    hint = f"; {pickled[0]} is not read (minorpo never unpickles): convert it with transformers' " \
+        "save_pretrained(safe_serialization=True)" if pickled else ""
     raise CheckpointError(f"{folder}: no weights, expected {WEIGHTS} or {INDEX}{hint}")
 
 
 def expected_shapes(cfg):
     """{checkpoint tensor name: shape} of a model with config cfg; a tied model stores no lm_head.weight."""
-    with torch.device("meta"):
-        shapes = {name: tuple(t.shape) for name, t in MODELS[cfg.model_type][1](cfg).state_dict().items()}
+    with torch.device("meta"):  # one position: the RoPE tables, built on the CPU, hold no tensor that is saved
+        model = MODELS[cfg.model_type][1](dataclasses.replace(cfg, max_position_embeddings=1))
+    shapes = {name: tuple(t.shape) for name, t in model.state_dict().items()}
     if cfg.tie_word_embeddings:
         del shapes["lm_head.weight"]
     return shapes
@@ -199,33 +224,34 @@ def model_key(name, cfg):
 
 
 def load_model(folder_or_name, dtype=torch.float32, device="cpu"):
-    """A Qwen or Qwen35 model with the weights of a checkpoint folder or a cached Hub id, in dtype on device."""
+    """A Qwen or Qwen35 model with the weights of a checkpoint folder or a cached Hub id, in dtype on device.
+    config.json and every safetensors header are checked against each other before any tensor is read."""
     folder = resolve(folder_or_name)
     cfg = load_model_config(folder)
-    files = weight_files(folder)
+    headers = {path: safetensors_header(path, FIX) for path in weight_files(folder)}
     found, file_of = {}, {}
-    for path in files:
-        with _open(path) as f:
-            for name in f.keys():
-                key = model_key(name, cfg)
-                if key is not None:
-                    found[key], file_of[key] = f.get_slice(name).get_shape(), path
+    for path, header in headers.items():
+        for name, shape in header.items():
+            key = model_key(name, cfg)
+            if key in file_of:
+                raise CheckpointError(f"{path}: tensor {name} is also in {file_of[key]}; a checkpoint stores "
+                                      f"each tensor once: {FIX}")
+            if key is not None:
+                found[key], file_of[key] = shape, path
     if cfg.tie_word_embeddings:
         found.pop("lm_head.weight", None)  # tied: the head is the embedding, a stored copy is ignored
-    where = files[0] if len(files) == 1 else os.path.join(folder, INDEX)
-    check_tensors(expected_shapes(cfg), found, where)
+    layers = {match[1] for key in found if (match := re.match(r"model\.layers\.(\d{1,9})\.", key))}
+    if len(layers) < cfg.num_hidden_layers:  # more layers than the config: check_tensors names the extra one
+        raise CheckpointError(f"{model_file(folder, CONFIG)}: num_hidden_layers is {cfg.num_hidden_layers} but "
+                              f"the weights hold {len(layers)} layers; the weights do not belong to this config.json")
+    check_tensors(expected_shapes(cfg), found, next(iter(headers)) if len(headers) == 1 else os.path.join(folder, INDEX))
 
     with torch.device("meta"):
         model = MODELS[cfg.model_type][1](cfg)  # shapes only: no memory, no random initialisation
     state = {}
-    for path in files:
-        with _open(path) as f:
-            for name in f.keys():
-                key = model_key(name, cfg)
-                if key in found and file_of[key] == path:
-                    # copy: get_tensor returns a view of the memory-mapped file, which dies if the file is
-                    # rewritten in place; the model owns its weights
-                    state[key] = f.get_tensor(name).to(device=device, dtype=dtype, copy=True)
+    for path, header in headers.items():
+        for name, tensor in read_tensors(path, [n for n in header if model_key(n, cfg) in found], dtype, device):
+            state[model_key(name, cfg)] = tensor
     if cfg.tie_word_embeddings:
         state["lm_head.weight"] = state["model.embed_tokens.weight"]
     model.load_state_dict(state, strict=True, assign=True)
@@ -250,26 +276,19 @@ def save_config_json(cfg, folder, dtype=torch.bfloat16):
         json.dump(raw, f, indent=2, sort_keys=True)
 
 
-def save_model(model, folder, tokenizer_from=None, dtype=None):
-    """Write model as a Hugging Face checkpoint folder (config.json, model.safetensors), atomically, in
-    dtype (default: the model's); copy the tokenizer files of the folder or Hub id tokenizer_from."""
-    with atomic_folder(folder) as tmp:
-        write_model(model, tmp, tokenizer_from, dtype)
-    return folder
-
-
 def write_model(model, folder, tokenizer_from=None, dtype=None):
-    """save_model's work, into an existing (temporary) folder; for callers that add files of their own."""
+    """Write model as a Hugging Face checkpoint (config.json, model.safetensors) into an existing folder,
+    in dtype (default: the model's), with copies (contents, never links) of the tokenizer files of the
+    checkpoint folder tokenizer_from. Write into files.atomic_folder(...)'s temporary folder."""
     cfg = model.config
     dtype = dtype or model.model.embed_tokens.weight.dtype
     state = {name: t.detach().to("cpu", dtype).contiguous() for name, t in model.state_dict().items()}
     if cfg.tie_word_embeddings:
         del state["lm_head.weight"]  # the embedding; safetensors refuses two names for one tensor anyway
-    check_tensors(expected_shapes(cfg), {name: t.shape for name, t in state.items()}, f"save_model({folder})",
+    check_tensors(expected_shapes(cfg), {name: t.shape for name, t in state.items()}, f"write_model({folder})",
                   hint="merge LoRA adapters into the base weights before saving a checkpoint")
-    source = resolve(tokenizer_from) if tokenizer_from else None
+    copies = tokenizer_files(tokenizer_from) if tokenizer_from else []
     save_safetensors(state, os.path.join(folder, WEIGHTS), metadata={"format": "pt"})  # transformers wants it
     save_config_json(cfg, folder, dtype)
-    for name in TOKENIZER_FILES:
-        if source and os.path.isfile(os.path.join(source, name)):
-            shutil.copy2(os.path.join(source, name), folder)
+    for name, real in copies:
+        shutil.copyfile(real, os.path.join(folder, name))

@@ -1,4 +1,4 @@
-"""Files written so that a crash never leaves half of one: atomic writes, and safetensors without NumPy.
+"""Files written so that a crash never leaves half of one, and read so that a hostile one stays harmless.
 
     with atomic_folder("outputs/run/final") as tmp:   # write into tmp; it replaces the folder on success
         save_safetensors({"w": tensor}, os.path.join(tmp, "model.safetensors"))
@@ -10,7 +10,10 @@ Decisions:
   a partial one. A crash while writing leaves only a temporary name behind.
 - safetensors (github.com/huggingface/safetensors) is an 8-byte little-endian header length, a JSON
   header {name: {dtype, shape, data_offsets}}, then the tensors' raw bytes. It is written here because
-  safetensors.torch.save_file imports NumPy, which minorpo does not depend on.
+  safetensors.torch.save_file imports NumPy, which minorpo does not depend on. Reading checks the whole
+  header (sizes, offsets, floating dtypes) before a byte of tensor data is read or allocated.
+- A file someone else gave (a model, an adapter, a checkpoint) is read only through file_inside, and its
+  JSON is capped in size, so nothing it says can make minorpo read elsewhere or exhaust memory.
 """
 import contextlib
 import ctypes
@@ -21,6 +24,7 @@ import struct
 import uuid
 
 import torch
+from safetensors import SafetensorError, safe_open
 
 class UserError(ValueError):
     """A mistake in something the user gave: a setting, a file, a folder. train.py prints the message as one
@@ -43,6 +47,53 @@ def file_inside(folder, name, what="file"):
 
 SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.int64: "I64",
                       torch.int32: "I32", torch.uint8: "U8", torch.bool: "BOOL"}
+FLOATS = ("F32", "BF16", "F16")  # the only tensor dtypes minorpo reads
+MAX_JSON = 16 << 20  # bytes; the JSON files minorpo reads are at most a few MB
+
+
+class NonFiniteError(UserError):
+    """A tensor about to be saved holds NaN or inf: saving it would make a checkpoint that resumes into NaN."""
+
+
+def read_json(path, fix):
+    """The JSON object in path (a real path from file_inside), at most MAX_JSON bytes; anything else
+    (too big, not UTF-8, not JSON, too deeply nested, not an object) is a UserError ending with `fix`."""
+    if os.path.getsize(path) > MAX_JSON:
+        raise UserError(f"{path}: {os.path.getsize(path)} bytes, more than a JSON file here can be; {fix}")
+    try:
+        with open(path, encoding="utf-8") as f:
+            value = json.load(f)
+    except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise UserError(f"{path}: not valid JSON ({str(e)[:200]}); {fix}") from None
+    if not isinstance(value, dict):
+        raise UserError(f"{path}: expected a JSON object {{...}}, got {type(value).__name__}; {fix}")
+    return value
+
+
+def safetensors_header(path, fix):
+    """{name: shape} of a safetensors file, without reading tensor data. The safetensors library checks
+    the header (length within the file and under 100 MB, JSON, each tensor's bytes inside the data section
+    and matching its shape); here every dtype must be F32, BF16 or F16: integer and bool tensors are
+    refused, never cast. Every problem is a UserError naming the file and ending with `fix`."""
+    try:
+        with safe_open(path, framework="pt") as f:
+            header = {name: (f.get_slice(name).get_dtype(), f.get_slice(name).get_shape()) for name in f.keys()}
+    except (SafetensorError, OSError) as e:
+        raise UserError(f"{path}: not a readable safetensors file ({e}); {fix}") from None
+    for name, (dtype, shape) in header.items():
+        if dtype not in FLOATS:
+            raise UserError(f"{path}: tensor {name} has dtype {dtype}; minorpo reads F32, BF16 or F16 tensors "
+                            f"only (integer and bool tensors are refused, not cast); {fix}")
+    return {name: shape for name, (dtype, shape) in header.items()}
+
+
+def read_tensors(path, names, dtype=None, device="cpu"):
+    """Yield (name, tensor) for `names` of a file checked by safetensors_header, one at a time, each a copy
+    (in dtype, on device): a view of the memory-mapped file would die if the file were rewritten."""
+    with safe_open(path, framework="pt") as f:
+        for name in names:
+            tensor = f.get_tensor(name)
+            yield name, tensor.to(device=device, dtype=dtype or tensor.dtype, copy=True)
 
 
 @contextlib.contextmanager
@@ -83,8 +134,13 @@ def atomic_write(path, text):
 
 def save_safetensors(tensors, path, metadata=None):
     """Write {name: tensor} to a .safetensors file: an 8-byte little-endian header length, a JSON header
-    {name: {dtype, shape, data_offsets}}, then every tensor's raw little-endian bytes back to back."""
+    {name: {dtype, shape, data_offsets}}, then every tensor's raw little-endian bytes back to back.
+    A floating tensor with a NaN or inf is refused (NonFiniteError) before the file is opened."""
     tensors = {name: t.detach().cpu().contiguous() for name, t in tensors.items()}
+    for name, t in tensors.items():
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise NonFiniteError(f"{os.path.basename(path)}: not saved, tensor {name} holds NaN or inf (the "
+                                 "training diverged); lower training.learning_rate or resume from an earlier checkpoint")
     header, offset = {"__metadata__": metadata or {}}, 0
     for name, t in tensors.items():
         nbytes = t.numel() * t.element_size()

@@ -8,16 +8,14 @@ Decisions:
 - The base weights are loaded strictly first, then wrapped (no key-renaming load hooks). LoRALinear
   keeps the base layer's own `weight` and `bias` Parameters, so the base keys stay unchanged
   (`...q_proj.weight`) and only `...q_proj.lora_A` / `lora_B` are added.
-- Groups (the seed's names): `lora` = LoRA on the FFN projections (lora.targets), `attn_lora` = LoRA on
-  the token-mixer projections (lora.attn_targets), `embed`, `norm`, `head`, and `all` (every parameter,
-  full fine-tuning). A LoRA layer's group is decided by where it sits (inside `self_attn` or `linear_attn`,
-  or not), so injection and loading an adapter agree. With a tied head, `head` and `embed` are the same
-  tensor.
-- Qwen3.5's linear-attention projections (`linear_attn.in_proj_qkv`, `in_proj_z`, `in_proj_b`,
-  `in_proj_a`, `out_proj`) belong to `attn_lora`: they do the same job as q/k/v/o (mixing tokens) in
-  three of every four layers, so a phase that trains attention trains them too, with no new group name.
+- Groups: `lora` = LoRA on the FFN projections (lora.targets), `attn_lora` = LoRA on the token-mixer
+  projections (lora.attn_targets), `embed`, `norm`, `head`, and `all` (full fine-tuning). A LoRA layer's
+  group is where it sits (inside `self_attn` or `linear_attn`, or not): Qwen3.5's linear-attention
+  projections (`linear_attn.in_proj_qkv`, ...) mix tokens like q/k/v/o. A tied `head` is `embed`.
+- The rank is 1 .. the narrowest in/out width of a targeted layer (more adds parameters, not rank),
+  checked before allocating. A and B train in fp32 on a bf16 base: lr·grad updates vanish in bf16.
 - `merge_lora` is explicit, never a side effect of `.eval()` (loralib's surprise), and idempotent.
-- Adapters are saved in PEFT's file layout so PEFT-based tools can load them.
+- Adapters are saved in PEFT's file layout, so PEFT-based tools load them (minorpo itself never does).
 """
 import json
 import math
@@ -27,10 +25,9 @@ import re
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors.torch import load_file
 
 from minorpo.config import GROUPS
-from minorpo.files import save_safetensors
+from minorpo.files import UserError, save_safetensors
 
 ATTENTION_BLOCKS = ("self_attn", "linear_attn")  # module names that hold token-mixer (attention) projections
 PEFT_PREFIX = "base_model.model."
@@ -47,9 +44,9 @@ class LoRALinear(nn.Module):
         if self.bias is not None:
             self.bias.requires_grad_(False)
         self.rank, self.alpha, self.scaling, self.group = rank, alpha, alpha / rank, group
-        kw = dict(device=base.weight.device, dtype=torch.float32)  # adapters train in fp32 (DESIGN.md)
-        self.lora_A = nn.Parameter(torch.empty(rank, self.in_features, **kw))   # (r, in)
-        self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, **kw))  # (out, r)
+        where = dict(device=base.weight.device, dtype=torch.float32)  # fp32 even on a bf16 base
+        self.lora_A = nn.Parameter(torch.empty(rank, self.in_features, **where))   # (r, in)
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, **where))  # (out, r)
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # the nn.Linear default, as in PEFT
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
@@ -87,32 +84,32 @@ def _replace(model, name, new):
 def inject_lora(model, rank, alpha, dropout=0.0, targets=(), attn_targets=(), start_layer=0, num_layers=0):
     """Replace the nn.Linear layers whose last name part is in targets (FFN) or attn_targets (attention)
     by LoRALinear, in layers start_layer .. start_layer+num_layers-1 (num_layers=0: all).
-    Returns the wrapped module names. A keyword that matches nothing, or a keyword in the wrong list,
-    is an error that names it."""
-    wanted = {kw: "lora" for kw in targets} | {kw: "attn_lora" for kw in attn_targets}
+    Returns the wrapped module names. A keyword that matches nothing, a keyword in the wrong list, or a
+    rank outside 1 .. the narrowest targeted width is a UserError that names it, raised before allocating."""
+    wanted = {target: "lora" for target in targets} | {target: "attn_lora" for target in attn_targets}
     linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
-    found, wrapped = set(), []
+    chosen = {}
     for name, module in linears.items():
-        kw = name.rsplit(".", 1)[-1]
-        if kw not in wanted:
-            continue
-        if wanted[kw] != _group_of(name):
+        target, i = name.rsplit(".", 1)[-1], _layer_index(name)
+        if target in wanted and wanted[target] != _group_of(name):
             attention = _group_of(name) == "attn_lora"
             kind, where = ("an attention", "lora.attn_targets") if attention else ("an FFN", "lora.targets")
-            raise ValueError(f"LoRA target `{kw}` ({name}) is {kind} projection: list it under {where}")
-        found.add(kw)
-        i = _layer_index(name)
-        if i is None or i < start_layer or (num_layers and i >= start_layer + num_layers):
-            continue
-        _replace(model, name, LoRALinear(module, rank, alpha, dropout, group=wanted[kw]))
-        wrapped.append(name)
-    missing = sorted(set(wanted) - found)
+            raise UserError(f"LoRA target `{target}` ({name}) is {kind} projection: list it under {where}")
+        if target in wanted and i is not None and start_layer <= i and not (num_layers and i >= start_layer + num_layers):
+            chosen[name] = module
+    missing = sorted(set(wanted) - {n.rsplit(".", 1)[-1] for n in linears})
     if missing:
         names = sorted({n.rsplit(".", 1)[-1] for n in linears})
-        raise ValueError(f"LoRA target(s) {missing} match no linear layer; the model's are: {', '.join(names)}")
-    if not wrapped:
-        raise ValueError(f"no layer in lora.start_layer={start_layer}, lora.num_layers={num_layers}")
-    return wrapped
+        raise UserError(f"LoRA target(s) {missing} match no linear layer; the model's are: {', '.join(names)}")
+    if not chosen:
+        raise UserError(f"no layer in lora.start_layer={start_layer}, lora.num_layers={num_layers}")
+    narrowest = min(min(m.in_features, m.out_features) for m in chosen.values())
+    if type(rank) is not int or not 1 <= rank <= narrowest:
+        raise UserError(f"lora.rank={rank!r:.30} is out of range: it must be an integer from 1 to {narrowest}, "
+                        "the narrowest in/out width of a targeted layer")
+    for name, module in chosen.items():
+        _replace(model, name, LoRALinear(module, rank, alpha, dropout, group=wanted[name.rsplit(".", 1)[-1]]))
+    return list(chosen)
 
 
 def lora_layers(model):
@@ -175,8 +172,10 @@ def adapter_state(model):
             for n, m in lora_layers(model).items() for x in ("A", "B")}
 
 
-def save_adapter(model, folder, base_model_name=""):
-    """Write adapter_config.json + adapter_model.safetensors (PEFT's layout) into `folder`."""
+def save_adapter(model, folder, base_model_name):
+    """Write adapter_config.json + adapter_model.safetensors (PEFT's layout) into `folder`.
+    base_model_name: the base model folder actually used (the resolved checkpoint folder, never `tiny`),
+    written as base_model_name_or_path, from which PEFT loads the base the adapter belongs to."""
     layers = lora_layers(model)
     if not layers:
         raise ValueError("save_adapter: the model has no LoRA layers")
@@ -196,41 +195,10 @@ def save_adapter(model, folder, base_model_name=""):
     save_safetensors(adapter_state(model), os.path.join(folder, "adapter_model.safetensors"))
 
 
-def load_adapter(model, folder):
-    """Wrap the modules named in a PEFT-layout adapter folder and load its weights (strict)."""
-    cfg_path, w_path = os.path.join(folder, "adapter_config.json"), os.path.join(folder, "adapter_model.safetensors")
-    for p in (cfg_path, w_path):
-        if not os.path.isfile(p):
-            raise FileNotFoundError(f"{p}: not found; an adapter folder holds adapter_config.json and "
-                                    "adapter_model.safetensors")
-    with open(cfg_path) as f:
-        cfg = json.load(f)
-    unsupported = [k for k in ("use_rslora", "use_dora", "rank_pattern", "alpha_pattern") if cfg.get(k)]
-    if cfg.get("peft_type", "LORA") != "LORA" or unsupported:
-        raise ValueError(f"{cfg_path}: {cfg.get('peft_type')} {', '.join(unsupported)} is not supported; "
-                         "minorpo loads plain LoRA adapters (one r and lora_alpha for every layer)")
-    tensors = load_file(w_path)
-    names = sorted({k[len(PEFT_PREFIX):].rsplit(".lora_", 1)[0] for k in tensors})
-    for name in names:
-        module = model.get_submodule(name)
-        if not isinstance(module, LoRALinear):
-            module = LoRALinear(module, cfg["r"], cfg["lora_alpha"], cfg.get("lora_dropout", 0.0), _group_of(name))
-            _replace(model, name, module)
-        for x in ("A", "B"):
-            key = f"{PEFT_PREFIX}{name}.lora_{x}.weight"
-            want = getattr(module, f"lora_{x}")
-            if key not in tensors or tensors[key].shape != want.shape:
-                got = tuple(tensors[key].shape) if key in tensors else "missing"
-                raise ValueError(f"{w_path}: tensor {key} is {got}, the model needs {tuple(want.shape)}")
-            with torch.no_grad():
-                want.copy_(tensors[key])
-    return names
-
-
-def master_parameters(model, groups):
-    """Every parameter that one of `groups` trains, {name: Parameter} in model order, moved to fp32:
-    on CUDA the frozen weights stay bf16, while trained ones keep fp32 master copies for AdamW
-    (bf16 autocast still runs their matmuls in bf16). A no-op on the CPU, where all is fp32."""
+def fp32_trained_parameters(model, groups):
+    """Every parameter that one of `groups` trains, {name: Parameter} in model order, CAST TO FP32 in place:
+    on CUDA the frozen weights stay bf16, while trained ones become the fp32 master weights that AdamW
+    updates (bf16 autocast still runs their matmuls in bf16). A no-op on the CPU, where all is fp32."""
     chosen = {}
     for g in groups:
         chosen.update(group_parameters(model, g))
@@ -239,3 +207,6 @@ def master_parameters(model, groups):
     for p in params.values():
         p.data = p.data.float()
     return params
+
+
+master_parameters = fp32_trained_parameters  # the old name, until train.py and bench.py use the new one

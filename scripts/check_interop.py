@@ -38,7 +38,8 @@ def main():
         with tempfile.TemporaryDirectory() as tmp:
             base_dir, adapter_dir, merged_dir = (os.path.join(tmp, d) for d in ("base", "adapter", "merged"))
             model = Qwen(cfg, seed=1)
-            checkpoint.save_model(model, base_dir, dtype=torch.float32)
+            os.makedirs(base_dir)
+            checkpoint.write_model(model, base_dir, dtype=torch.float32)
             lora.inject_lora(model, 4, 8.0, targets=["gate_proj", "up_proj", "down_proj"],
                              attn_targets=["q_proj", "k_proj", "v_proj", "o_proj"], start_layer=1)
             g = torch.Generator().manual_seed(2)
@@ -48,7 +49,8 @@ def main():
                 ours = model(ids)
             lora.save_adapter(model, adapter_dir, base_model_name=base_dir)
             lora.merge_lora(model)
-            checkpoint.save_model(model, merged_dir, dtype=torch.float32)
+            os.makedirs(merged_dir)
+            checkpoint.write_model(model, merged_dir, dtype=torch.float32)
 
             hf_base = AutoModelForCausalLM.from_pretrained(base_dir, torch_dtype=torch.float32)
             peft_model = PeftModel.from_pretrained(hf_base, adapter_dir).eval()

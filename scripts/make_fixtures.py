@@ -2,7 +2,7 @@
 
     python scripts/make_fixtures.py                # (re)write tests/fixtures/
     python scripts/make_fixtures.py qwen35-tiny    # (re)write the named fixtures only
-    python scripts/make_fixtures.py --check        # check that a folder written by minorpo's save_model
+    python scripts/make_fixtures.py --check        # check that a folder written by minorpo's write_model
                                                    # loads in transformers with equal logits
 
 No test imports this script and minorpo does not depend on transformers; it runs in a developer's
@@ -166,21 +166,20 @@ def build_qwen35(name="qwen35-tiny"):
 
 
 def check_save_loads_in_transformers():
-    """minorpo load -> save_model -> transformers from_pretrained: equal logits (fp32 and bf16 saves).
+    """minorpo load -> write_model -> transformers from_pretrained: equal logits (fp32 and bf16 saves).
     Qwen3.5's tolerance is its test's: fp32 rounding, amplified through the DeltaNet layers, gives ~4e-5."""
     sys.path.insert(0, ROOT)
-    from minorpo.checkpoint import load_model, save_model
+    from minorpo.checkpoint import load_model, write_model
     for name, tolerance in [(name, 1e-5) for name in SPECS] + [("qwen35-tiny", 1e-4)]:
         reference = load_file(os.path.join(FIXTURES, f"{name}.reference.safetensors"))
         ours = load_model(os.path.join(FIXTURES, name))
         for dtype in (torch.float32, torch.bfloat16):
             with tempfile.TemporaryDirectory() as tmp:
-                save_model(ours, os.path.join(tmp, "saved"), dtype=dtype)
-                theirs = transformers.AutoModelForCausalLM.from_pretrained(os.path.join(tmp, "saved"),
-                                                                           dtype=torch.float32)
+                write_model(ours, tmp, dtype=dtype)
+                theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32)
                 with torch.no_grad():
                     want = theirs(reference["input_ids"]).logits
-                    got = load_model(os.path.join(tmp, "saved"))(reference["input_ids"])
+                    got = load_model(tmp)(reference["input_ids"])
                 diff = (want - got).abs().max().item()
                 print(f"{name} saved as {dtype}: transformers {type(theirs).__name__} vs minorpo, "
                       f"max abs logit diff {diff:.2e}")

@@ -8,12 +8,18 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from minorpo.checkpoint import CheckpointError, load_model, load_model_config, resolve, save_model
-from minorpo.files import atomic_folder, save_safetensors
+from minorpo.checkpoint import CheckpointError, load_model, load_model_config, resolve, write_model
+from minorpo.files import UserError, atomic_folder, save_safetensors
 from minorpo.model import ModelConfig, Qwen
 
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
 QWEN2, QWEN3 = os.path.join(FIXTURES, "qwen2-tiny"), os.path.join(FIXTURES, "qwen3-tiny")
+
+
+def save_model(model, folder, tokenizer_from=None, dtype=None):
+    """A checkpoint folder written atomically, as train.py writes final/."""
+    with atomic_folder(folder) as tmp:
+        write_model(model, tmp, tokenizer_from, dtype)
 
 
 def reference(folder):
@@ -162,12 +168,12 @@ def test_damaged_weights_and_index_are_named(tmp_path):
         data = f.read()
     with open(path, "wb") as f:
         f.write(data[:len(data) // 2])  # a download cut short
-    with pytest.raises(CheckpointError, match=r"model.safetensors: not a readable safetensors file"):
+    with pytest.raises(UserError, match=r"model.safetensors: not a readable safetensors file"):
         load_model(folder)
     sharded = copy_fixture(tmp_path, QWEN3)
     with open(os.path.join(sharded, "model.safetensors.index.json"), "w") as f:
         f.write('{"metadata": {}}')
-    with pytest.raises(CheckpointError, match=r"index.json: not a valid index"):
+    with pytest.raises(UserError, match=r"index.json: not a valid index"):
         load_model(sharded)
 
 
@@ -208,9 +214,14 @@ def test_unsupported_config_is_named(tmp_path):
 
 
 def fake_hub_cache(hub, repo_id, revisions, main=None):
+    """A Hub cache entry laid out as huggingface_hub writes it: snapshot files are links into ../../blobs."""
     repo = hub / ("models--" + repo_id.replace("/", "--"))
+    (repo / "blobs").mkdir(parents=True, exist_ok=True)
     for revision in revisions:
-        shutil.copytree(QWEN2, repo / "snapshots" / revision)
+        (repo / "snapshots" / revision).mkdir(parents=True)
+        for name in os.listdir(QWEN2):
+            shutil.copy(os.path.join(QWEN2, name), repo / "blobs" / f"{revision}-{name}")
+            os.symlink(f"../../blobs/{revision}-{name}", repo / "snapshots" / revision / name)
     if main:
         (repo / "refs").mkdir()
         (repo / "refs" / "main").write_text(main + "\n")
@@ -234,5 +245,57 @@ def test_hub_id_not_in_the_cache_says_how_to_download(tmp_path, monkeypatch):
     with pytest.raises(CheckpointError, match=r"Qwen/Qwen3-0.6B: not a folder.*"
                                               r"huggingface-cli download Qwen/Qwen3-0.6B"):
         load_model("Qwen/Qwen3-0.6B")
-    with pytest.raises(CheckpointError, match=r"no/such/folder: no such checkpoint folder"):
+    with pytest.raises(CheckpointError, match=r"no/such/folder: no such folder; model_name takes a checkpoint"):
         resolve("no/such/folder")
+
+
+def test_tokenizer_files_are_copied_as_contents_and_only_from_inside_the_folder(tmp_path):
+    model = load_model(QWEN2)
+    source = tmp_path / "src"
+    source.mkdir()
+    (tmp_path / "real.json").write_text('{"real": true}')
+    os.symlink(tmp_path / "real.json", source / "tokenizer.json")  # a link out of the source folder
+    with pytest.raises(UserError, match=r"src/tokenizer.json: the tokenizer file resolves to .*real.json, outside"):
+        save_model(model, str(tmp_path / "out"), tokenizer_from=str(source))
+    assert not os.path.exists(tmp_path / "out")
+    os.replace(tmp_path / "real.json", source / "real.json")
+    os.remove(source / "tokenizer.json")
+    os.symlink("real.json", source / "tokenizer.json")  # a link inside the folder: its content is copied
+    save_model(model, str(tmp_path / "out"), tokenizer_from=str(source))
+    assert not os.path.islink(tmp_path / "out" / "tokenizer.json")
+    assert (tmp_path / "out" / "tokenizer.json").read_text() == '{"real": true}'
+
+
+def test_hub_snapshot_links_are_confined_to_the_repo_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    repo = fake_hub_cache(tmp_path / "hub", "Qwen/Tiny-0.1B", ["aaa"], main="aaa")
+    assert load_model("Qwen/Tiny-0.1B").config.model_type == "qwen2"  # links into ../../blobs are fine
+    (tmp_path / "elsewhere.json").write_text("{}")
+    os.remove(repo / "snapshots" / "aaa" / "config.json")
+    os.symlink(tmp_path / "elsewhere.json", repo / "snapshots" / "aaa" / "config.json")
+    with pytest.raises(UserError, match=r"config.json: the config.json resolves to .*elsewhere.json, outside"):
+        load_model("Qwen/Tiny-0.1B")
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"num_hidden_layers": 10**9}, r"num_hidden_layers is 1000000000, expected 1 .. 1024"),
+    ({"hidden_size": "big"}, r'hidden_size is "big", expected an integer'),
+    ({"tie_word_embeddings": 1}, r"tie_word_embeddings is 1, expected true or false"),
+    ({"rope_theta": -5.0, "rope_parameters": None}, r"rope_theta is -5.0, expected a finite number above 0"),
+    ({"max_position_embeddings": 1 << 22, "head_dim": 128}, r"max_position_embeddings · head_dim is over 2\^28"),
+])
+def test_config_json_fields_are_checked_for_type_and_range(tmp_path, change, message):
+    folder = copy_fixture(tmp_path)
+    path = os.path.join(folder, "config.json")
+    json.dump({**json.load(open(path)), **change}, open(path, "w"))
+    with pytest.raises(CheckpointError, match=r"config.json: " + message):
+        load_model_config(folder)
+
+
+def test_a_shard_index_with_a_path_is_refused(tmp_path):
+    folder = copy_fixture(tmp_path, QWEN3)
+    index = json.load(open(os.path.join(folder, "model.safetensors.index.json")))
+    index["weight_map"] = {name: "sub/" + shard for name, shard in index["weight_map"].items()}
+    json.dump(index, open(os.path.join(folder, "model.safetensors.index.json"), "w"))
+    with pytest.raises(CheckpointError, match=r"shard 'sub/model-0000.-of-00003.safetensors' is not a plain file"):
+        load_model(folder)

@@ -1,0 +1,225 @@
+"""Hostile model folders and checkpoints, through the real train.py in a subprocess (memory-capped, with
+a hang guard): each is refused with one line naming the file, no traceback, nothing written outside the
+run folder, nothing changed in the model folder or at a link's target."""
+import hashlib
+import json
+import os
+import shutil
+import struct
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from minorpo import tiny
+from minorpo.files import NonFiniteError, save_safetensors
+
+RUN = ["training.eval_every=0", "sample.max_new_tokens=4"]
+
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory):
+    """The tiny model and 100 tiny pairs (enough for a batch of 16), built once for every test here."""
+    root = tmp_path_factory.mktemp("shared")
+    return tiny.ensure_model(str(root / "tiny-model")), tiny.ensure_pairs(str(root / "pairs.jsonl"), n=100)
+
+
+def contents(folder):
+    """{path under folder: (link target or None, sha256 of what it reads as)} of everything in folder."""
+    found = {}
+    for parent, _, names in os.walk(folder):
+        for name in names:
+            path = os.path.join(parent, name)
+            digest = hashlib.sha256(open(path, "rb").read()).hexdigest() if os.path.exists(path) else None
+            found[os.path.relpath(path, folder)] = (os.readlink(path) if os.path.islink(path) else None, digest)
+    return found
+
+
+def train(run_limited, shared, tmp_path, model_name, *settings, max_steps=2):
+    return run_limited(["train.py", "presets/orpo.yml", f"model_name={model_name}", f"output_dir={tmp_path / 'out'}",
+                        f"data.path={shared[1]}", f"training.max_steps={max_steps}", *RUN, *settings])
+
+
+def refused(run_limited, one_line_error, shared, tmp_path, model_name, *needles):
+    """Run train.py on model_name under tmp_path; assert a one-line error naming every needle and that
+    nothing under tmp_path changed except the new run folder tmp_path/out (which holds no final/)."""
+    before = contents(tmp_path)
+    p = train(run_limited, shared, tmp_path, model_name)
+    last = one_line_error(p, *needles)
+    assert {k: v for k, v in contents(tmp_path).items() if not k.startswith("out" + os.sep)} == before
+    assert not os.path.exists(tmp_path / "out" / "orpo" / "final")
+    return last
+
+
+@pytest.fixture
+def model(tmp_path, shared):
+    """A copy of the tiny model at tmp_path/model, to make hostile."""
+    shutil.copytree(shared[0], tmp_path / "model")
+    return tmp_path / "model"
+
+
+def rewrite_header(path, edit):
+    """Rewrite a safetensors file's JSON header with edit(header); the data bytes stay as they are."""
+    data = open(path, "rb").read()
+    length = struct.unpack("<Q", data[:8])[0]
+    header = json.loads(data[8:8 + length])
+    edit(header)
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    open(path, "wb").write(struct.pack("<Q", len(raw)) + raw + data[8 + length:])
+
+
+@pytest.mark.parametrize("name", ["tokenizer.json", "merges.txt"])
+def test_a_tokenizer_file_linked_outside_the_model_folder_is_refused(run_limited, one_line_error, shared, tmp_path,
+                                                                     model, name):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    if name == "tokenizer.json":  # the model's own tokenizer, moved out of the folder: only the link is wrong
+        os.replace(model / name, outside / name)
+    else:
+        (outside / name).write_text("#version: 0.2\nnot for you\n")
+    os.symlink(outside / name, model / name)
+    last = refused(run_limited, one_line_error, shared, tmp_path, model, f"{model / name}", "outside")
+    assert "refused" in last
+
+
+@pytest.mark.parametrize("shard", ["../x.safetensors", "ABSOLUTE"], ids=["parent", "absolute"])
+def test_a_shard_index_naming_a_file_outside_the_folder_is_refused(run_limited, one_line_error, shared, tmp_path,
+                                                                   model, shard):
+    shard = str(tmp_path / "x.safetensors") if shard == "ABSOLUTE" else shard
+    os.replace(model / "model.safetensors", tmp_path / "x.safetensors")  # a valid shard, just not inside
+    names = load_file(tmp_path / "x.safetensors")
+    (model / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {n: shard for n in names}}))
+    last = refused(run_limited, one_line_error, shared, tmp_path, model, "model.safetensors.index.json", shard)
+    assert "not a plain file name" in last
+
+
+def declare_i32(header):
+    header["model.norm.weight"]["dtype"] = "I32"  # the same 4-byte elements, read as integers
+
+
+def store_int64(tensors):
+    tensors["model.norm.weight"] = torch.ones(128, dtype=torch.int64)
+
+
+@pytest.mark.parametrize("edit, needle", [(declare_i32, "dtype I32"), (store_int64, "dtype I64")],
+                         ids=["float-bytes-declared-I32", "an-int64-tensor"])
+def test_an_integer_tensor_in_the_weights_is_refused_not_cast(run_limited, one_line_error, shared, tmp_path, model,
+                                                               edit, needle):
+    path = str(model / "model.safetensors")
+    if edit is declare_i32:
+        rewrite_header(path, edit)
+    else:
+        tensors = {n: t.clone() for n, t in load_file(path).items()}  # not views of the file rewritten
+        edit(tensors)
+        save_safetensors(tensors, path)
+    last = refused(run_limited, one_line_error, shared, tmp_path, model, path, needle, "model.norm.weight")
+    assert "F32, BF16 or F16" in last
+
+
+def test_one_tensor_in_two_shards_is_refused_naming_both(run_limited, one_line_error, shared, tmp_path, model):
+    tensors = load_file(model / "model.safetensors")
+    names = sorted(tensors)
+    first, second = names[:len(names) // 2], names[len(names) // 2:]
+    save_safetensors({n: tensors[n] for n in first}, str(model / "a.safetensors"))
+    save_safetensors({n: tensors[n] for n in second + first[:1]}, str(model / "b.safetensors"))  # first[0] twice
+    index = {n: "a.safetensors" for n in first} | {n: "b.safetensors" for n in second}
+    (model / "model.safetensors.index.json").write_text(json.dumps({"weight_map": index}))
+    os.remove(model / "model.safetensors")
+    refused(run_limited, one_line_error, shared, tmp_path, model, "a.safetensors", "b.safetensors", first[0])
+
+
+def huge_header_length(path):
+    data = open(path, "rb").read()
+    open(path, "wb").write(struct.pack("<Q", 1 << 40) + data[8:])
+
+
+def offsets_past_the_end(path):
+    rewrite_header(path, lambda header: header["model.norm.weight"].update(data_offsets=[1 << 30, (1 << 30) + 512]))
+
+
+@pytest.mark.parametrize("damage", [huge_header_length, offsets_past_the_end], ids=lambda f: f.__name__)
+def test_a_safetensors_header_that_does_not_fit_the_file_is_refused(run_limited, one_line_error, shared, tmp_path,
+                                                                    model, damage):
+    damage(str(model / "model.safetensors"))
+    last = refused(run_limited, one_line_error, shared, tmp_path, model, str(model / "model.safetensors"))
+    assert "not a readable safetensors file" in last
+
+
+@pytest.mark.parametrize("change, needle", [
+    ({"num_hidden_layers": 1_000_000_000}, "num_hidden_layers is 1000000000, expected 1 .. 1024"),
+    ({"num_hidden_layers": 6}, "num_hidden_layers is 6 but the weights hold 4 layers"),
+    ({"hidden_size": "big"}, 'hidden_size is "big", expected an integer'),
+    ({"num_attention_heads": True}, "num_attention_heads is true, expected an integer"),
+    ({"rms_norm_eps": -1.0}, "rms_norm_eps is -1.0, expected a finite number above 0"),
+], ids=["absurd-layer-count", "layer-count-not-in-the-weights", "string-for-an-int", "true-for-an-int",
+        "negative-eps"])
+def test_a_bad_config_json_field_is_named_before_anything_is_built(run_limited, one_line_error, shared, tmp_path,
+                                                                  model, change, needle):
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config, **change}))
+    refused(run_limited, one_line_error, shared, tmp_path, model, str(model / "config.json"), needle)
+
+
+def test_model_name_pointing_to_a_file_says_a_folder_is_expected(run_limited, one_line_error, shared, tmp_path, model):
+    last = refused(run_limited, one_line_error, shared, tmp_path, model / "config.json", "config.json: a file")
+    assert "model_name takes a checkpoint folder" in last
+
+
+def test_a_folder_without_config_json_says_what_is_missing(run_limited, one_line_error, shared, tmp_path, model):
+    os.remove(model / "config.json")
+    refused(run_limited, one_line_error, shared, tmp_path, model, f"{model}: no config.json", "tokenizer.json")
+
+
+@pytest.fixture(scope="module")
+def saved_checkpoint(tmp_path_factory, shared):
+    """A resumable checkpoint written by train.py at step 2 (run `a`)."""
+    from conftest import _run
+    out = tmp_path_factory.mktemp("run")
+    p = _run(["train.py", "presets/orpo.yml", f"model_name={shared[0]}", f"output_dir={out}", f"data.path={shared[1]}",
+              "run_name=a", "training.max_steps=3", "training.save_every=2", "training.eval_every=0",
+              "sample.max_new_tokens=4"])
+    assert p.returncode == 0, p.stderr[-2000:]
+    return out / "a" / "step_000002"
+
+
+def drop_position(folder):
+    state = json.loads((folder / "state.json").read_text())
+    del state["position"]
+    (folder / "state.json").write_text(json.dumps(state))
+
+
+def empty_optimizer(folder):
+    (folder / "optimizer.safetensors").write_bytes(b"")
+
+
+def misshaped_weight(folder):
+    weights = {n: t.clone() for n, t in load_file(folder / "weights.safetensors").items()}
+    weights["model.norm.weight"] = torch.ones(7)
+    save_safetensors(weights, str(folder / "weights.safetensors"))
+
+
+@pytest.mark.parametrize("damage, needles", [
+    (drop_position, ("state.json", "position is missing", "resume from another checkpoint")),
+    (empty_optimizer, ("optimizer.safetensors", "not a readable safetensors file", "resume from another checkpoint")),
+    (misshaped_weight, ("weights.safetensors", "model.norm.weight is (7,)", "resume from another checkpoint")),
+], ids=["state-json-missing-a-key", "empty-optimizer-file", "misshaped-weight"])
+def test_resuming_a_damaged_checkpoint_names_the_file(run_limited, one_line_error, shared, tmp_path, saved_checkpoint,
+                                                      damage, needles):
+    copy = tmp_path / "copy"
+    shutil.copytree(saved_checkpoint, copy)
+    damage(copy)
+    before = contents(tmp_path)
+    p = train(run_limited, shared, tmp_path, shared[0], f"training.resume_from={copy}", "run_name=b", max_steps=4)
+    one_line_error(p, str(copy), *needles)
+    assert {k: v for k, v in contents(tmp_path).items() if not k.startswith("out" + os.sep)} == before
+    assert not os.path.exists(tmp_path / "out" / "b" / "final")
+
+
+def test_save_safetensors_refuses_nan_and_leaves_no_file(tmp_path):
+    path = tmp_path / "w.safetensors"
+    with pytest.raises(NonFiniteError, match=r"w.safetensors: not saved, tensor b holds NaN or inf"):
+        save_safetensors({"a": torch.ones(2), "b": torch.tensor([1.0, float("nan")])}, str(path))
+    assert not path.exists()
+    save_safetensors({"ids": torch.tensor([1, 2])}, str(path))  # integers cannot be NaN: written
+    assert path.exists()
