@@ -76,7 +76,7 @@ def run(shape, kind, pairs, compile_layers, grad_ckpt, chunk_size, steps, warmup
         groups = ["lora", "attn_lora"]
     else:
         groups = ["all"]
-    trained = lora.master_parameters(model, groups)
+    trained = lora.fp32_trained_parameters(model, groups)
     lora.set_trainable(model, groups)
     model.gradient_checkpointing = grad_ckpt
     if compile_layers:

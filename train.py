@@ -117,7 +117,7 @@ if {"lora", "attn_lora"} & set(ever_trained):
                      targets=lora_cfg["targets"] if "lora" in ever_trained else [],
                      attn_targets=lora_cfg["attn_targets"] if "attn_lora" in ever_trained else [],
                      start_layer=lora_cfg["start_layer"], num_layers=lora_cfg["num_layers"])
-trained = lora.master_parameters(model, ever_trained)  # what AdamW holds, whichever phase is active (fp32)
+trained = lora.fp32_trained_parameters(model, ever_trained)  # what AdamW holds, whichever phase is active (fp32)
 model.gradient_checkpointing = train_cfg["gradient_checkpointing"]
 if train_cfg["compile"] == "on" or (train_cfg["compile"] == "auto" and on_cuda):
     for layer in model.model.layers:  # per layer: small graphs, one compile reused 28 times
@@ -187,7 +187,7 @@ def save_checkpoint(it):
     """A resumable checkpoint (only finite weights: state.py refuses others), then the oldest ones go."""
     folder = os.path.join(run_dir, f"step_{it:06d}")
     state.save(folder, model, optimizer, names, {**fingerprint, "step": it, "epoch": epoch,
-                                                "position": position, "skipped": skipped, "updates": updates})
+                                                "position": position, "skipped": skipped})
     runs.rotate(run_dir, train_cfg["keep_checkpoints"], protect=train_cfg["resume_from"])
     log(f"[save] {folder}")
     return folder
@@ -197,10 +197,10 @@ def save_checkpoint(it):
 metrics_log = runs.MetricsLog(os.path.join(run_dir, "metrics.jsonl"), objective, enabled=master)
 fingerprint = runs.trajectory(config.flat(cfg), data_paths, checkpoint.weight_files(model_dir), world)
 fingerprint["train examples"] = len(train_set)
-it, epoch, position, skipped, updates, bad_in_row, last_saved = 0, 0, 0, 0, 0, 0, None
+it, epoch, position, skipped, bad_in_row, last_saved = 0, 0, 0, 0, 0, None
 if train_cfg["resume_from"]:
     meta = state.load(train_cfg["resume_from"], model, optimizer, names, fingerprint)
-    it, epoch, position, skipped, updates = (meta[k] for k in ("step", "epoch", "position", "skipped", "updates"))
+    it, epoch, position, skipped = meta["step"], meta["epoch"], meta["position"], meta["skipped"]
     if it >= train_cfg["max_steps"]:
         raise config.ConfigError(f"{train_cfg['resume_from']} is at step {it} and training.max_steps is "
                                  f"{train_cfg['max_steps']}: nothing to train; raise training.max_steps")
@@ -260,7 +260,7 @@ while it < train_cfg["max_steps"]:
             sys.exit(f"[guard] {bad_in_row} non-finite steps in a row: stopping (last checkpoint: {last_saved}). "
                      "Lower training.learning_rate or check the data (README: Troubleshooting)")
     else:
-        updates, bad_in_row = updates + 1, 0
+        bad_in_row = 0
         for k, v in {**metrics, "steps": 1}.items():  # averaged over the steps since the last log line
             sums[k] = sums.get(k, 0.0) + v
         tokens += sum(real_tokens[j] for idx in step_idx for j in idx[rank::world])  # this rank's real tokens
@@ -282,7 +282,7 @@ while it < train_cfg["max_steps"]:
     metrics_log.progress(it, train_cfg["max_steps"], metrics, time.time() - t_start)
     if ddp:  # every rank stops at the same step
         stop["asked"] = bool(step.all_reduce(torch.tensor(float(stop["asked"]), device=device)))
-    if train_cfg["save_every"] and (it % train_cfg["save_every"] == 0 or last) or stop["asked"] and updates:
+    if train_cfg["save_every"] and (it % train_cfg["save_every"] == 0 or last) or stop["asked"] and it > start_it:
         bad = [n for n, p in trained.items() if not torch.isfinite(p).all()]
         if bad:
             sys.exit(f"error: {bad[0]} holds non-finite values at step {it}; nothing was saved. The last good "
@@ -293,7 +293,7 @@ while it < train_cfg["max_steps"]:
                  if last_saved else f"[interrupt] stopped at step {it}; nothing was saved")
 
 # 9. final/: the merged model and the adapter alone (PEFT's layout), complete before anything optional runs
-if updates == 0:
+if it == skipped:
     sys.exit(f"error: every one of the {it} steps was skipped (non-finite loss or gradients): no final/ written. "
              "Lower training.learning_rate or check the data")
 bad = [n for n, p in trained.items() if not torch.isfinite(p).all()]

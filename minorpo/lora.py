@@ -209,4 +209,3 @@ def fp32_trained_parameters(model, groups):
     return params
 
 
-master_parameters = fp32_trained_parameters  # the old name, until train.py and bench.py use the new one

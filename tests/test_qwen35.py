@@ -9,7 +9,8 @@ import torch
 from safetensors.torch import load_file
 
 from minorpo import lora
-from minorpo.checkpoint import load_model, load_model_config, save_model
+from minorpo.checkpoint import load_model, load_model_config
+from test_checkpoint import save_model
 from minorpo.deltanet import chunked_gated_delta_rule, recurrent_gated_delta_rule
 from minorpo.model import sample_token
 from minorpo.qwen35 import HybridCache, Qwen35, Qwen35Config

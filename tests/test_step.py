@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from minorpo import batches, lora, state, step
+from minorpo.files import UserError
 from minorpo.model import ModelConfig, Qwen
 
 CFG = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
@@ -32,7 +33,7 @@ def make(groups=("all",), seed=0):
     model = Qwen(CFG, seed=seed)
     if "lora" in groups:
         lora.inject_lora(model, 4, 8.0, targets=["gate_proj", "up_proj", "down_proj"], attn_targets=["q_proj"])
-    trained = lora.master_parameters(model, groups)
+    trained = lora.fp32_trained_parameters(model, groups)
     lora.set_trainable(model, groups)
     return model, trained, torch.optim.AdamW(list(trained.values()), lr=1e-2, weight_decay=0.1)
 
@@ -115,7 +116,7 @@ def test_state_round_trip_continues_identically(tmp_path):
     names = list(trained)
     policy = step.Policy(model)
     step.train_step(policy, optimizer, micro_batches, "orpo", 0.5)
-    state.save(str(tmp_path / "ckpt"), model, optimizer, names, {**SETTINGS, "step": 1, "epoch": 0, "position": 1})
+    state.save(str(tmp_path / "ckpt"), model, optimizer, names, {**SETTINGS, "step": 1, "epoch": 0, "position": 1, "skipped": 0})
     step.train_step(policy, optimizer, micro_batches, "orpo", 0.5)
     expected = {name: param.detach().clone() for name, param in trained.items()}
 
@@ -134,14 +135,14 @@ def test_state_round_trip_continues_identically(tmp_path):
 def test_state_errors_name_the_problem(tmp_path):
     model, trained, optimizer = make(groups=("lora",))
     names = list(trained)
-    with pytest.raises(FileNotFoundError, match="not a resumable checkpoint"):
+    with pytest.raises(UserError, match="not a resumable checkpoint"):
         state.load(str(tmp_path), model, optimizer, names, SETTINGS)
-    state.save(str(tmp_path / "c"), model, optimizer, names, {**SETTINGS, "step": 0})
+    state.save(str(tmp_path / "c"), model, optimizer, names, {**SETTINGS, "step": 0, "epoch": 0, "position": 0, "skipped": 0})
     with pytest.raises(ValueError, match="saved with other settings.*batch_size was 6, now 8"):
         state.load(str(tmp_path / "c"), model, optimizer, names, {**SETTINGS, "batch_size": 8})
     other, other_trained, other_optimizer = make(groups=("all",))
     with pytest.raises(ValueError, match="trains other parameters"):
         state.load(str(tmp_path / "c"), other, other_optimizer, list(other_trained), SETTINGS)
     (tmp_path / "c" / "weights.safetensors").write_bytes(b"broken")
-    with pytest.raises(ValueError, match=r"weights.safetensors: unreadable.*damaged"):
+    with pytest.raises(ValueError, match=r"weights.safetensors: not a readable safetensors file.*resume from another checkpoint"):
         state.load(str(tmp_path / "c"), model, optimizer, names, SETTINGS)

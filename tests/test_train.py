@@ -69,7 +69,8 @@ def test_lora_run_saves_merged_model_and_peft_adapter(tmp_path):
     assert json.loads((final / "adapter" / "adapter_config.json").read_text())["r"] == 4
     # base + adapter, merged here, equals the merged checkpoint that train.py wrote
     model = checkpoint.load_model(str(tmp_path / "tiny-model"))
-    lora.load_adapter(model, str(final / "adapter"))
+    from test_lora import load_adapter
+    load_adapter(model, str(final / "adapter"))
     lora.merge_lora(model)
     saved = load_file(str(final / "model.safetensors"))
     for name, tensor in model.state_dict().items():
