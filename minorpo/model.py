@@ -22,8 +22,8 @@ Decisions:
 - Attention is F.scaled_dot_product_attention(is_causal=True) with no mask. With right padding this is
   exact for every real token (it attends only to earlier positions, all real) and keeps the fused kernels;
   pad positions are masked out of the loss, not out of attention.
-- `hidden_states()` returns the final-normed states and the loss applies `lm_head` to response tokens
-  only (DESIGN.md); `forward()` computes full logits, for tests and short sequences.
+- `hidden_states()` returns the final-normed states; the loss applies `lm_head` to response tokens only,
+  as (T, vocab) logits are training's largest tensor. `forward()` gives all logits, for tests.
 - RMSNorm is computed in fp32 and cast back before the gain, as the reference does; it matters in bf16.
 - A decoder layer's forward has no data-dependent Python branches, so layers compile one by one.
 """
@@ -80,8 +80,7 @@ class ModelConfig:
         return self.head_dim
 
     @property
-    def o_proj_bias(self):
-        # Qwen3's attention_bias covers all four projections; Qwen2's bias is on q/k/v only.
+    def o_proj_bias(self):  # Qwen3's attention_bias covers all four projections; Qwen2's only q/k/v
         return self.model_type == "qwen3" and self.attention_bias
 
 
@@ -111,11 +110,10 @@ def rope_tables(head_dim, theta, max_len):
 
 def apply_rope(x, cos, sin):
     """Rotate the channel pairs of x (B, heads, T, d) by their angles; cos, sin: (T, d/2)."""
-    # RoPE rotates d/2 pairs of channels, and there are two ways to pair them. The RoFormer paper and
-    # Meta's original LLaMA code pair neighbours, "interleaved": (x0, x1), (x2, x3), ... Hugging Face's
-    # code pairs channel i with channel i + d/2, "split halves": (x0, x_d/2), (x1, x_d/2+1), ... Both are
-    # the same model up to a fixed permutation of the q/k projection rows, but trained weights only work
-    # in the layout they were trained with, and Qwen uses split halves:
+    # RoPE rotates d/2 channel pairs, paired one of two ways: neighbours, "interleaved" (x0, x1), (x2, x3),
+    # ... (the RoFormer paper, Meta's original LLaMA code), or channel i with i + d/2, "split halves" (x0,
+    # x_d/2), (x1, x_d/2+1), ... (Hugging Face's code). Both are one model up to a fixed permutation of the
+    # q/k projection rows, but trained weights work only in their own layout, and Qwen's is split halves:
     #   [x1, x2] -> [x1·cos − x2·sin, x2·cos + x1·sin]
     x1, x2 = x.chunk(2, dim=-1)  # (B, heads, T, d/2) each
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
@@ -275,9 +273,10 @@ class Qwen(nn.Module):
         return self.lm_head(self.hidden_states(input_ids, cache))
 
     @torch.no_grad()
-    def generate(self, prompt_ids, max_new_tokens, stop_ids=(), temperature=0.0, top_p=1.0, generator=None):
-        """Continue prompt_ids (list of ints) by up to max_new_tokens; returns the new ids only, ending
-        with the first stop id if one is produced. temperature 0 is greedy; see sample_token."""
+    def generate(self, prompt_ids, max_new_tokens, stop_ids=(), temperature=0.0, top_p=1.0, generator=None,
+                 on_token=lambda token_id: None):
+        """Continue prompt_ids (list of ints) by up to max_new_tokens; returns the new ids only, ending with
+        the first stop id if one is made; on_token(id) sees each as it is made. temperature 0: greedy."""
         if not prompt_ids:
             raise ValueError("generate needs at least one prompt token")
         weight = self.model.embed_tokens.weight
@@ -288,6 +287,7 @@ class Qwen(nn.Module):
             last_hidden = self.hidden_states(ids, cache)[0, -1]  # (H,): the head runs on the last position only
             next_id = sample_token(self.lm_head(last_hidden), temperature, top_p, generator)
             new_ids.append(next_id)
+            on_token(next_id)  # to stream the answer as it is made
             if next_id in stop_ids:
                 break
             ids = torch.tensor([[next_id]], device=weight.device)

@@ -110,14 +110,14 @@ def test_kv_cache_generation_equals_recomputing_sampled(fixture):
     assert model.generate(prompt, generator=torch.Generator().manual_seed(2), **kwargs) != new_ids
 
 
-def test_generation_stops_at_a_stop_id(fixture):
+def test_generation_stops_at_a_stop_id_and_streams_each_id_made(fixture):
     model, reference = fixture
     prompt = reference["input_ids"][0, :5].tolist()
     free = model.generate(prompt, max_new_tokens=12, temperature=1.0, generator=torch.Generator().manual_seed(0))
-    stop = free[4]
+    stop, streamed = free[4], []
     stopped = model.generate(prompt, max_new_tokens=12, stop_ids=(stop,), temperature=1.0,
-                             generator=torch.Generator().manual_seed(0))
-    assert stopped == free[:free.index(stop) + 1]
+                             generator=torch.Generator().manual_seed(0), on_token=streamed.append)
+    assert stopped == free[:free.index(stop) + 1] == streamed
 
 
 @torch.no_grad()

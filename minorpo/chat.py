@@ -1,0 +1,175 @@
+"""Talk to a model: a ChatML conversation in the terminal, the answer printed token by token as it is made.
+
+    python -m minorpo.chat outputs/orpo/final                          # type; /reset, /exit, Ctrl-D
+    python -m minorpo.chat outputs/orpo/final --prompt "Sort: 3 1 2"   # one answer, then exit
+    python -m minorpo.chat Qwen/Qwen3-0.6B --adapter outputs/qwen3-0.6b-lora-orpo/final/adapter \\
+        --system "Answer briefly." --temperature 0.7 --top-p 0.9 --max-new-tokens 256
+
+Decisions:
+- Prompts are rendered by data.prompt_ids, the function that renders the training prompts, so the
+  model is asked in the format it was trained on; generation stops at the template's stop ids.
+- Each turn renders the whole conversation again: one forward pass over it fills the KV cache, then
+  every new token costs one position (model.generate). Keeping the cache from turn to turn would save
+  that pass, but dropping old turns would then mean rebuilding it anyway.
+- The prompt and the answer must fit the model's context (max_position_embeddings): the oldest
+  exchanges are dropped (the system text stays); a message too long on its own is refused.
+- Streaming: the answer's ids are decoded again after every token and only the new text is printed; a
+  token that ends inside a character (byte-level BPE splits UTF-8) waits for the next one.
+- Settings as in a preset's sample section: temperature 0 is greedy, else sampling from the top_p
+  nucleus, drawn from one generator seeded by --seed. CUDA runs in bf16, the CPU in fp32, as train.py.
+- A LoRA adapter folder (train.py's final/adapter) is loaded onto its base model and merged.
+- template=raw has no turns: every message is a new prompt.
+"""
+import argparse
+import sys
+import warnings
+
+warnings.filterwarnings("ignore", message="Failed to initialize NumPy")  # torch's note; minorpo needs no NumPy
+import torch  # noqa: E402
+from safetensors import SafetensorError  # noqa: E402
+
+from minorpo import checkpoint, data, lora  # noqa: E402
+from minorpo.files import UserError  # noqa: E402
+
+HELP = "[chat] /reset starts a new conversation, /exit or Ctrl-D ends it"
+
+
+class ChatError(UserError):
+    """A bad setting or folder given to the chat command; the message names it and the fix."""
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(prog="python -m minorpo.chat", description=__doc__.split("\n")[0])
+    parser.add_argument("model", help="a checkpoint folder (outputs/orpo/final) or a cached Hugging Face id")
+    parser.add_argument("--adapter", help="a LoRA adapter folder to merge into the model (PEFT layout)")
+    parser.add_argument("--system", help="a system message that starts every conversation")
+    parser.add_argument("--prompt", help="answer this one message and exit, instead of a conversation")
+    parser.add_argument("--max-new-tokens", type=int, default=256, help="the longest answer, in tokens (256)")
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy, else in (0, 100] (0)")
+    parser.add_argument("--top-p", type=float, default=1.0, help="sample from this much probability (1.0)")
+    parser.add_argument("--template", choices=("chatml", "raw"), default="chatml", help="as data.template")
+    parser.add_argument("--seed", type=int, default=0, help="seeds the sampling (0)")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: CUDA if seen")
+    args = parser.parse_args(argv)
+    if not (args.temperature == 0 or 0 < args.temperature <= 100):
+        raise ChatError(f"--temperature {args.temperature}: use 0 (greedy) or a value in (0, 100]")
+    if not 0 < args.top_p <= 1:
+        raise ChatError(f"--top-p {args.top_p}: use a value in (0, 1]; 1 samples from every token")
+    if args.max_new_tokens < 1:
+        raise ChatError(f"--max-new-tokens {args.max_new_tokens}: use 1 or more")
+    if args.system and args.template == "raw":
+        raise ChatError("--system needs --template chatml; a raw prompt has no system turn")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise ChatError("--device cuda: torch sees no CUDA GPU; use --device auto or cpu")
+    return args
+
+
+def load(args):
+    """(model, tokenizer) for args.model, with args.adapter merged in, in eval mode on its device."""
+    on_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+    model = checkpoint.load_model(args.model, torch.bfloat16 if on_cuda else torch.float32,
+                                  "cuda" if on_cuda else "cpu")
+    tokenizer = data.load_tokenizer(checkpoint.resolve(args.model))
+    if tokenizer.get_vocab_size() > model.config.vocab_size:
+        raise ChatError(f"{args.model}: the tokenizer has {tokenizer.get_vocab_size()} tokens but the model only "
+                        f"{model.config.vocab_size}; use the tokenizer.json the model was trained with")
+    if args.max_new_tokens >= model.config.max_position_embeddings:
+        raise ChatError(f"--max-new-tokens {args.max_new_tokens} leaves no room for a prompt in the model's "
+                        f"{model.config.max_position_embeddings} positions; lower it")
+    if args.adapter:
+        try:
+            lora.load_adapter(model, args.adapter)
+        except (ValueError, OSError, KeyError, TypeError, AttributeError, SafetensorError) as e:
+            raise ChatError(f"--adapter {args.adapter}: {e}; is it an adapter of {args.model}?") from None
+        lora.merge_lora(model)
+    return model.eval(), tokenizer
+
+
+def fit(tokenizer, system, turns, room, template):
+    """The prompt ids of the conversation, its oldest exchanges dropped until it fits `room` positions.
+    turns: [user, assistant, ..., user] messages. Returns (ids, exchanges dropped), ids None if the
+    last message alone does not fit."""
+    head = [{"role": "system", "content": system}] if system else []
+    for start in range(0, len(turns), 2):  # keep the turns from a user message on
+        ids = data.prompt_ids(tokenizer, head + turns[start:], template)
+        if len(ids) <= room:
+            return ids, start // 2
+    return None, 0
+
+
+def reply(model, tokenizer, prompt_ids, args, stop_ids, generator):
+    """Generate an answer to prompt_ids, printing it as it grows; returns its text."""
+    answer_ids, shown = [], ""
+
+    def show(token_id):
+        nonlocal shown
+        if token_id not in stop_ids:
+            answer_ids.append(token_id)
+        text = tokenizer.decode(answer_ids)
+        if not text.endswith("\ufffd"):  # a character cut between two tokens waits for its next byte
+            print(text[len(shown):], end="", flush=True)
+            shown = text
+    model.generate(prompt_ids, args.max_new_tokens, stop_ids, args.temperature, args.top_p, generator,
+                   on_token=show)
+    text = tokenizer.decode(answer_ids)
+    print(text[len(shown):], flush=True)
+    return text
+
+
+def converse(model, tokenizer, args):
+    """Answer args.prompt once, or read messages from stdin until /exit or end of input."""
+    stop_ids, _ = data.stop_and_pad_ids(tokenizer, args.template)
+    context = model.config.max_position_embeddings
+    room, generator, turns = context - args.max_new_tokens, torch.Generator().manual_seed(args.seed), []
+
+    def answer(message):
+        if args.template == "raw":  # no turns: every message stands alone
+            turns.clear()
+        turns.append({"role": "user", "content": message})
+        ids, dropped = fit(tokenizer, args.system, turns, room, args.template)
+        if ids is None:
+            turns.pop()
+            raise ChatError(f"the message does not fit the model's {context} positions with --max-new-tokens "
+                            f"{args.max_new_tokens} kept for the answer; shorten it or lower --max-new-tokens")
+        if dropped:
+            print(f"[chat] dropped the oldest {dropped} exchange(s) to fit {context} positions", file=sys.stderr)
+            del turns[:2 * dropped]
+        turns.append({"role": "assistant", "content": reply(model, tokenizer, ids, args, stop_ids, generator)})
+
+    if args.prompt is not None:
+        return answer(args.prompt)
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print(HELP, file=sys.stderr)
+    while True:
+        try:
+            message = input("> " if interactive else "")
+        except EOFError:  # Ctrl-D, or the end of piped input
+            return
+        if message.strip() == "/exit":
+            return
+        if message.strip() == "/reset":
+            turns.clear()
+            print("[chat] a new conversation", file=sys.stderr)
+        elif message.strip():
+            try:
+                answer(message)
+            except ChatError as e:  # one message too long: say so and keep the conversation
+                print(f"error: {e}", file=sys.stderr)
+
+
+def main(argv=None):
+    try:
+        args = parse_args(argv)
+        converse(*load(args), args)
+    except (UserError, checkpoint.CheckpointError, data.DataError, OSError) as e:
+        sys.exit(f"error: {e}")
+    except KeyboardInterrupt:  # Ctrl-C: leave quietly, with the shell's code for it
+        print(file=sys.stderr)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    for stream in (sys.stdin, sys.stdout):
+        stream.reconfigure(errors="replace")  # bytes that are not UTF-8 become U+FFFD, not a traceback
+    main()

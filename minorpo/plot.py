@@ -1,0 +1,191 @@
+"""Training curves as one self-contained SVG, from the metrics.jsonl of one or more runs.
+
+    python -m minorpo.plot outputs/orpo                     # writes outputs/orpo/metrics.svg
+    python -m minorpo.plot outputs/orpo outputs/sft --out docs/sft-vs-orpo.svg
+    plot.write_svg("outputs/orpo/metrics.jsonl", "outputs/orpo/metrics.svg")   # from Python
+
+Four panels: the loss terms L_SFT and L_OR, the log odds ratio, the preference accuracy (train and eval),
+and the held-out chosen against rejected log-probabilities, the ORPO paper's lesson: SFT raises both
+(its Figure 7), ORPO pushes them apart (its Figure 3). Colour tells the runs apart, solid against dashed
+the two curves of a panel.
+
+Decisions:
+- The SVG is written by hand, a few dozen lines of text, so minorpo needs no plotting library.
+- A cut last line (a run still writing, or killed mid-line) is skipped with a warning; any other line
+  that is not a JSON object stops with file:line. A missing key is a missing point (SFT runs log no
+  train/orpo_loss), and non-finite values are left out.
+- Output goes to <run>/metrics.svg, written atomically, or only where --out says.
+"""
+import argparse
+import html
+import itertools
+import json
+import math
+import os
+import sys
+import warnings
+
+warnings.filterwarnings("ignore", message="Failed to initialize NumPy")  # torch's note; minorpo needs no NumPy
+from minorpo.files import UserError, atomic_write, file_inside  # noqa: E402
+
+PANELS = [  # (title, [(metrics key, legend label)]): the first curve solid, the second dashed
+    ("Loss terms (train)", [("train/sft_loss", "L_SFT"), ("train/orpo_loss", "L_OR")]),
+    ("Log odds ratio", [("train/log_odds", "train"), ("eval/log_odds", "eval")]),
+    ("Preference accuracy", [("train/pref_accuracy", "train"), ("eval/pref_accuracy", "eval")]),
+    ("Log-probability (eval)", [("eval/chosen_logps", "chosen"), ("eval/rejected_logps", "rejected")]),
+]
+COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b")
+DASHES = ("", ' stroke-dasharray="6 4"')
+PANEL_W, PANEL_H, MARGIN, TOP = 440, 270, 55, 60  # one panel's box; left/bottom room for ticks; title band
+MAX_LINE = 1 << 20  # a metrics row is a few hundred bytes; a longer line is not a metrics file
+
+
+class PlotError(UserError):
+    """A metrics file that cannot be plotted; the message names the file and the fix."""
+
+
+def metrics_file(path):
+    """path itself, or the metrics.jsonl inside a run folder."""
+    if os.path.isdir(path):
+        return file_inside(path, "metrics.jsonl", "metrics file")
+    if not os.path.isfile(path):
+        raise PlotError(f"{path}: not found; pass a run folder (outputs/orpo) or its metrics.jsonl")
+    return path
+
+
+def read_metrics(path):
+    """The rows of a metrics.jsonl, sorted by step; a cut last line is skipped with a warning."""
+    rows, bad = [], None
+    with open(path, "rb") as f:
+        for n, line in enumerate(iter(lambda: f.readline(MAX_LINE + 1), b""), 1):
+            if not line.strip():
+                continue
+            if bad:  # a bad line before the last one: not a cut line
+                raise PlotError(f"{bad}: not a metrics row; metrics.jsonl holds one JSON object per line")
+            try:
+                row = json.loads(line) if len(line) <= MAX_LINE else None
+            except ValueError:
+                row = None
+            if isinstance(row, dict) and _number(row.get("step")) is not None:
+                rows.append(row)
+            else:
+                bad = f'{path}:{n}'
+    if bad and not rows:
+        raise PlotError(f"{bad}: not a metrics row; metrics.jsonl holds one JSON object per line")
+    if bad:
+        print(f"warning: {bad}: cut last line skipped (the run may still be writing)", file=sys.stderr)
+    if not rows:
+        raise PlotError(f"{path}: no metrics rows; a run writes them every training.log_every steps")
+    return sorted(rows, key=lambda row: row["step"])
+
+
+def _number(value):
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    return float(value) if ok else None
+
+
+def series(rows, key):
+    """[(step, value)] for the rows that have a finite number under key."""
+    return [(float(row["step"]), _number(row.get(key))) for row in rows if _number(row.get(key)) is not None]
+
+
+def ticks(lo, hi, count=5):
+    """About `count` round tick values (1, 2 or 5 times a power of ten apart) covering [lo, hi]."""
+    raw = (hi - lo) / count
+    step = 10 ** math.floor(math.log10(raw))
+    step *= next(f for f in (1, 2, 5, 10) if f * step >= raw)
+    first = math.floor(lo / step)
+    return [i * step for i in range(first, math.ceil(hi / step) + 1)]
+
+
+def _label(value):
+    return f"{value:g}"
+
+
+def panel(x0, y0, title, curves, runs):
+    """SVG elements of one panel with its top-left corner at (x0, y0); curves as in PANELS."""
+    lines = [(color, dash, f"{name}: {key}", points) for color, (name, rows) in zip(itertools.cycle(COLORS), runs)
+             for dash, (key, _) in zip(DASHES, curves) for points in [series(rows, key)] if points]
+    out = [f'<text x="{x0 + PANEL_W / 2}" y="{y0 + 14}" text-anchor="middle" font-weight="bold">'
+           f'{html.escape(title)}</text>']
+    for i, (dash, (_, label)) in enumerate(zip(DASHES, curves)):  # the line-style legend, top right
+        lx = x0 + PANEL_W - 150 + 80 * i
+        out.append(f'<line x1="{lx}" y1="{y0 + 30}" x2="{lx + 24}" y2="{y0 + 30}" stroke="#444"{dash}/>'
+                   f'<text x="{lx + 28}" y="{y0 + 34}">{html.escape(label)}</text>')
+    left, right, top, bottom = x0 + MARGIN, x0 + PANEL_W - 10, y0 + 42, y0 + PANEL_H - 30
+    out.append(f'<rect x="{left}" y="{top}" width="{right - left}" height="{bottom - top}" fill="none" stroke="#999"/>')
+    if not lines:
+        return out + [f'<text x="{(left + right) / 2}" y="{(top + bottom) / 2}" text-anchor="middle" '
+                      'fill="#999">no data</text>']
+    xs = [x for *_, points in lines for x, _ in points]
+    ys = [y for *_, points in lines for _, y in points]
+    x_ticks = ticks(min(xs), max(xs) + (max(xs) == min(xs)))  # one step apart when all steps are equal
+    y_span = max(ys) - min(ys) or abs(max(ys)) * 0.1 or 1.0   # a flat curve gets a band around it
+    y_ticks = ticks(min(ys) - 0.05 * y_span, max(ys) + 0.05 * y_span)
+
+    def to_x(x):  # data -> pixels, mapping the outer ticks onto the plot box
+        return left + (x - x_ticks[0]) / (x_ticks[-1] - x_ticks[0]) * (right - left)
+
+    def to_y(y):
+        return bottom - (y - y_ticks[0]) / (y_ticks[-1] - y_ticks[0]) * (bottom - top)
+    for x in x_ticks:
+        out.append(f'<line x1="{to_x(x):.1f}" y1="{bottom}" x2="{to_x(x):.1f}" y2="{bottom + 4}" stroke="#999"/>'
+                   f'<text x="{to_x(x):.1f}" y="{bottom + 16}" text-anchor="middle">{_label(x)}</text>')
+    for y in y_ticks:
+        out.append(f'<line x1="{left}" y1="{to_y(y):.1f}" x2="{right}" y2="{to_y(y):.1f}" stroke="#eee"/>'
+                   f'<text x="{left - 4}" y="{to_y(y) + 4:.1f}" text-anchor="end">{_label(y)}</text>')
+    out.append(f'<text x="{(left + right) / 2}" y="{bottom + 28}" text-anchor="middle">step</text>')
+    for color, dash, name, points in lines:  # the <title> names the curve when hovered
+        xy = " ".join(f"{to_x(x):.2f},{to_y(y):.2f}" for x, y in points)
+        out.append(f'<polyline points="{xy}" fill="none" stroke="{color}" stroke-width="1.8"{dash}>'
+                   f'<title>{html.escape(name)}</title></polyline>')
+        if len(points) == 1:  # one row: a line of one point is invisible, so mark it
+            out.append(f'<circle cx="{to_x(points[0][0]):.2f}" cy="{to_y(points[0][1]):.2f}" r="3" fill="{color}"/>')
+    return out
+
+
+def render_svg(runs):
+    """The SVG text for runs [(name, rows)]: a title band with the run legend, then a 2 x 2 grid of panels."""
+    width, height = 2 * PANEL_W + 20, TOP + 2 * PANEL_H + 20
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+           f'viewBox="0 0 {width} {height}" font-family="sans-serif" font-size="11">',
+           f'<rect width="{width}" height="{height}" fill="white"/>',
+           f'<text x="10" y="22" font-size="15" font-weight="bold">minorpo training curves</text>']
+    for i, ((name, _), color) in enumerate(zip(runs, itertools.cycle(COLORS))):  # the run legend
+        out.append(f'<rect x="{10 + 150 * i}" y="36" width="14" height="4" fill="{color}"/>'
+                   f'<text x="{28 + 150 * i}" y="42">{html.escape(name)}</text>')
+    for i, (title, curves) in enumerate(PANELS):
+        out += panel(10 + (i % 2) * PANEL_W, TOP + (i // 2) * PANEL_H, title, curves, runs)
+    return "\n".join(out + ["</svg>"]) + "\n"
+
+
+def run_name(path):
+    """The run's folder name: outputs/orpo/metrics.jsonl and outputs/orpo are both "orpo"."""
+    path = os.path.normpath(os.path.abspath(path))
+    return os.path.basename(os.path.dirname(path) if os.path.isfile(path) else path)
+
+
+def write_svg(metrics_path, svg_path):
+    """Plot one run (a metrics.jsonl or run folder), or a list of runs, into svg_path (atomically)."""
+    paths = [metrics_path] if isinstance(metrics_path, (str, os.PathLike)) else list(metrics_path)
+    runs = [(run_name(p), read_metrics(metrics_file(p))) for p in paths]
+    atomic_write(svg_path, render_svg(runs))
+    return svg_path
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m minorpo.plot", description=__doc__.split("\n")[0])
+    parser.add_argument("runs", nargs="+", help="run folders (outputs/orpo) or their metrics.jsonl files")
+    parser.add_argument("--out", help="the SVG to write; default <run>/metrics.svg (required for several runs)")
+    args = parser.parse_args(argv)
+    try:
+        if args.out is None and len(args.runs) > 1:
+            raise PlotError(f"{len(args.runs)} runs given: say where the comparison goes with --out FILE.svg")
+        out = args.out or os.path.join(os.path.dirname(metrics_file(args.runs[0])), "metrics.svg")
+        print(write_svg(args.runs, out))
+    except (UserError, OSError) as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()

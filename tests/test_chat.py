@@ -1,0 +1,143 @@
+"""chat: answers are what model.generate makes from data.prompt_ids of the conversation so far, printed
+as they are made; /reset, /exit, end of input and Ctrl-C end cleanly; bad settings are one line."""
+import builtins
+
+import pytest
+import torch
+
+from minorpo import chat, data, lora, tiny
+from minorpo.checkpoint import load_model
+
+MAX_NEW = 12
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    return tiny.ensure_model(str(tmp_path_factory.mktemp("chat") / "tiny-model"))
+
+
+def expected_answer(folder, messages, max_new_tokens=MAX_NEW, model=None):
+    """The greedy answer to a message list, made here without the chat command."""
+    model = model or load_model(folder)
+    tokenizer = data.load_tokenizer(folder)
+    stop_ids, _ = data.stop_and_pad_ids(tokenizer, "chatml")
+    new = model.generate(data.prompt_ids(tokenizer, messages), max_new_tokens, stop_ids)
+    return tokenizer.decode([i for i in new if i not in stop_ids])
+
+
+def printed(*answers):
+    """The answers, one per line, as a text-mode pipe reads them (universal newlines: \\r and \\r\\n are \\n)."""
+    return "".join(a + "\n" for a in answers).replace("\r\n", "\n").replace("\r", "\n")
+
+
+def user(text):
+    return {"role": "user", "content": text}
+
+
+def chat_args(folder, *more):
+    return ["-m", "minorpo.chat", folder, "--max-new-tokens", str(MAX_NEW), *more]
+
+
+def test_prompt_is_answered_once_greedily_and_deterministically(tiny_model, run_limited):
+    p = run_limited(chat_args(tiny_model, "--prompt", "Sort: 3 1 2"))  # another process: same greedy answer
+    assert p.returncode == 0, p.stderr
+    answer = expected_answer(tiny_model, [user("Sort: 3 1 2")])
+    assert answer.strip() and p.stdout == printed(answer)
+
+
+def test_answer_is_printed_piece_by_piece_as_tokens_are_made(tiny_model, monkeypatch):
+    writes = []
+    monkeypatch.setattr(builtins, "print", lambda text="", end="\n", **_: writes.append(text + end))
+    chat.main([tiny_model, "--prompt", "Repeat: cat dog", "--max-new-tokens", str(MAX_NEW)])
+    answer = expected_answer(tiny_model, [user("Repeat: cat dog")])
+    assert "".join(writes) == answer + "\n"
+    assert len([w for w in writes if w]) > 1
+
+
+def run_chat(run_limited, tmp_path, args, stdin):
+    """run_limited(args) with `stdin` as standard input: run_limited has no stdin of its own, so a small
+    wrapper points file descriptor 0 at a file before it runs the chat module."""
+    path = tmp_path / "stdin.txt"
+    path.write_text(stdin)
+    wrapper = ("import os, runpy, sys; os.dup2(os.open(sys.argv[1], os.O_RDONLY), 0); sys.argv[1:2] = []; "
+               "runpy.run_module('minorpo.chat', run_name='__main__')")
+    return run_limited(["-c", wrapper, str(path), *args[2:]])
+
+
+def test_conversation_keeps_history_until_reset_and_stops_at_exit(tiny_model, run_limited, tmp_path):
+    stdin = "Repeat: cat dog\nSort: 3 1 2\n/reset\n\nReverse: owl bee\n/exit\nSort: 9 8\n"
+    p = run_chat(run_limited, tmp_path, chat_args(tiny_model, "--system", "Be brief."), stdin)
+    assert p.returncode == 0, p.stderr
+    model, system = load_model(tiny_model), {"role": "system", "content": "Be brief."}
+    first = expected_answer(tiny_model, [system, user("Repeat: cat dog")], model=model)
+    second = expected_answer(tiny_model, [system, user("Repeat: cat dog"), {"role": "assistant", "content": first},
+                                          user("Sort: 3 1 2")], model=model)
+    third = expected_answer(tiny_model, [system, user("Reverse: owl bee")], model=model)
+    assert p.stdout == printed(first, second, third)  # nothing for the blank line, nothing after /exit
+    assert "a new conversation" in p.stderr
+
+
+def test_end_of_input_exits_cleanly(tiny_model, run_limited, tmp_path):
+    p = run_chat(run_limited, tmp_path, chat_args(tiny_model), "Sort: 2 1\n")
+    assert p.returncode == 0 and "Traceback" not in p.stderr
+    assert p.stdout == printed(expected_answer(tiny_model, [user("Sort: 2 1")]))
+
+
+def test_ctrl_c_exits_quietly_with_code_130(tiny_model, monkeypatch):
+    def interrupted(prompt=""):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(builtins, "input", interrupted)
+    with pytest.raises(SystemExit) as stop:
+        chat.main([tiny_model])
+    assert stop.value.code == 130
+
+
+def test_oldest_exchanges_are_dropped_to_fit_the_context(tiny_model, run_limited, tmp_path):
+    # the tiny model has 512 positions; a message of 300 words fits alone, two do not, 600 never fit
+    long_one, long_two, too_long = "cat " * 300, "dog " * 300, "owl " * 600
+    p = run_chat(run_limited, tmp_path, chat_args(tiny_model), f"{long_one}\n{long_two}\n{too_long}\n")
+    assert p.returncode == 0, p.stderr
+    assert "[chat] dropped the oldest 1 exchange(s) to fit 512 positions" in p.stderr
+    assert "error: the message does not fit the model's 512 positions" in p.stderr
+    model = load_model(tiny_model)
+    assert p.stdout == printed(expected_answer(tiny_model, [user(long_one)], model=model),
+                               expected_answer(tiny_model, [user(long_two)], model=model))  # answered alone
+
+
+def test_adapter_is_merged_into_the_model(tiny_model, run_limited, tmp_path):
+    model = load_model(tiny_model)
+    lora.inject_lora(model, rank=4, alpha=8, targets=("gate_proj", "up_proj", "down_proj"))
+    with torch.no_grad():
+        for layer in lora.lora_layers(model).values():
+            layer.lora_B.normal_(0, 0.5, generator=torch.Generator().manual_seed(0))
+    lora.save_adapter(model, str(tmp_path / "adapter"))
+    p = run_limited(chat_args(tiny_model, "--adapter", str(tmp_path / "adapter"), "--prompt", "Sort: 3 1 2"))
+    assert p.returncode == 0, p.stderr
+    merged = expected_answer(tiny_model, [user("Sort: 3 1 2")], model=lora.merge_lora(model))
+    assert p.stdout == printed(merged) != printed(expected_answer(tiny_model, [user("Sort: 3 1 2")]))
+
+
+@pytest.mark.parametrize("setting, needle", [
+    (["--temperature", "-1"], "--temperature -1.0"), (["--temperature", "101"], "--temperature 101.0"),
+    (["--temperature", "nan"], "--temperature nan"), (["--top-p", "0"], "--top-p 0.0"),
+    (["--top-p", "1.5"], "--top-p 1.5"), (["--max-new-tokens", "0"], "--max-new-tokens 0"),
+    (["--template", "raw", "--system", "hi"], "--system"),
+])
+def test_bad_setting_is_refused_in_one_line_naming_it(setting, needle):
+    with pytest.raises(chat.ChatError, match="^[^\\n]*$") as error:
+        chat.parse_args(["model", *setting])
+    assert needle in str(error.value)
+
+
+@pytest.mark.parametrize("setting, needle", [(["--top-p", "2"], "--top-p 2.0"),
+                                             (["--max-new-tokens", "512"], "512 positions")])
+def test_bad_setting_stops_the_command_with_one_line(tiny_model, run_limited, one_line_error, setting, needle):
+    one_line_error(run_limited(["-m", "minorpo.chat", tiny_model, "--prompt", "hi", *setting]), needle)
+
+
+def test_bad_folders_are_one_line(tiny_model, run_limited, one_line_error, tmp_path):
+    one_line_error(run_limited(["-m", "minorpo.chat", str(tmp_path / "nothing"), "--prompt", "hi"]), "nothing")
+    (tmp_path / "empty").mkdir()
+    one_line_error(run_limited(["-m", "minorpo.chat", str(tmp_path / "empty"), "--prompt", "hi"]), "config.json")
+    p = run_limited(["-m", "minorpo.chat", tiny_model, "--adapter", str(tmp_path / "empty"), "--prompt", "hi"])
+    one_line_error(p, "--adapter", "adapter_config.json")

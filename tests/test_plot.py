@@ -1,0 +1,133 @@
+"""plot: the SVG parses, shows every panel, and its points are the metrics (one per row, in step order,
+on linear axes); cut, partial and bad metrics files are handled as the module docstring says."""
+import json
+import os
+import xml.etree.ElementTree as ET
+
+import pytest
+
+from minorpo import plot
+
+SVG = "{http://www.w3.org/2000/svg}"
+
+
+def orpo_rows(steps=6):
+    """A step-0 row with eval/* only, then train rows, with eval every other row."""
+    rows = [{"step": 0, "eval/pref_accuracy": 0.5, "eval/chosen_logps": -30.0, "eval/rejected_logps": -31.0,
+             "eval/log_odds": 0.1}]
+    for step in range(5, 5 * steps + 1, 5):
+        row = {"step": step, "train/total_loss": 3.0 - 0.1 * step, "train/sft_loss": 2.5 - 0.05 * step,
+               "train/orpo_loss": 0.7 - 0.01 * step, "train/log_odds": 0.02 * step ** 1.5,
+               "train/pref_accuracy": 0.5 + 0.01 * step, "train/chosen_logps": -20.0 + step,
+               "train/rejected_logps": -21.0 - step}
+        if step % 10 == 0:
+            row.update({"eval/pref_accuracy": 0.5 + 0.015 * step, "eval/chosen_logps": -30.0 + 0.3 * step,
+                        "eval/rejected_logps": -31.0 - 0.2 * step ** 1.2, "eval/log_odds": 0.05 * step})
+        rows.append(row)
+    return rows
+
+
+def write_run(folder, rows, tail=""):
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "metrics.jsonl"), "w") as f:
+        f.write("".join(json.dumps(row) + "\n" for row in rows) + tail)
+    return folder
+
+
+def curves(svg_path):
+    """{polyline title ("run: key"): [(x, y) pixels]} of an SVG file, which must parse as XML."""
+    root = ET.parse(svg_path).getroot()
+    assert root.tag == SVG + "svg"
+    return {line.find(SVG + "title").text: [tuple(map(float, p.split(","))) for p in line.get("points").split()]
+            for line in root.iter(SVG + "polyline")}
+
+
+def texts(svg_path):
+    return [t.text for t in ET.parse(svg_path).getroot().iter(SVG + "text")]
+
+
+def assert_linear(pixels, values):
+    """pixel = a + b * value for one a and b: the points are the values on a linear axis."""
+    (p0, v0), (p1, v1) = (pixels[0], values[0]), (pixels[-1], values[-1])
+    slope = (p1 - p0) / (v1 - v0)
+    for p, v in zip(pixels, values):
+        assert p == pytest.approx(p0 + slope * (v - v0), abs=0.02)
+    return slope
+
+
+def test_every_curve_has_one_point_per_row_with_its_key_on_linear_axes(tmp_path):
+    rows = orpo_rows()
+    run = write_run(tmp_path / "orpo", rows)
+    svg = plot.write_svg(str(run / "metrics.jsonl"), str(tmp_path / "out.svg"))
+    lines = curves(svg)
+    keys = [key for _, panel_curves in plot.PANELS for key, _ in panel_curves]
+    assert sorted(lines) == sorted(f"orpo: {key}" for key in keys)
+    for key in keys:
+        kept = [row for row in rows if key in row]
+        points = lines[f"orpo: {key}"]
+        assert len(points) == len(kept)
+        assert assert_linear([x for x, _ in points], [row["step"] for row in kept]) > 0  # steps to the right
+        assert assert_linear([y for _, y in points], [row[key] for row in kept]) < 0     # larger values up
+    shown = texts(svg)
+    for title, panel_curves in plot.PANELS:
+        assert title in shown and all(label in shown for _, label in panel_curves)
+    assert "orpo" in shown and "step" in shown
+
+
+def test_two_runs_share_the_panels_with_a_legend_of_run_names(tmp_path):
+    orpo, sft = write_run(tmp_path / "orpo", orpo_rows()), write_run(tmp_path / "sft", orpo_rows(3))
+    svg = plot.write_svg([str(orpo), str(sft)], str(tmp_path / "both.svg"))
+    lines = curves(svg)
+    assert len(lines["orpo: eval/chosen_logps"]) == 4 and len(lines["sft: eval/chosen_logps"]) == 2
+    assert {"orpo", "sft"} <= set(texts(svg))
+
+
+def test_sft_run_without_orpo_or_eval_keys_plots_what_it_has(tmp_path):
+    rows = [{"step": s, "train/sft_loss": 2.0 / s, "train/total_loss": 2.0 / s} for s in (1, 2, 3)]
+    svg = plot.write_svg(str(write_run(tmp_path / "sft", rows)), str(tmp_path / "sft.svg"))
+    assert list(curves(svg)) == ["sft: train/sft_loss"]
+    assert texts(svg).count("no data") == 3  # log odds, accuracy, log-probabilities
+
+
+def test_a_single_row_is_a_visible_point(tmp_path):
+    run = write_run(tmp_path / "run", [{"step": 0, "eval/chosen_logps": -3.0, "eval/rejected_logps": -3.0}])
+    svg = plot.write_svg(str(run), str(tmp_path / "one.svg"))
+    assert [len(points) for points in curves(svg).values()] == [1, 1]
+    assert len(list(ET.parse(svg).getroot().iter(SVG + "circle"))) == 2
+
+
+def test_ticks_are_round_and_cover_the_range():
+    values = plot.ticks(-0.37, 2.9)
+    assert values[0] <= -0.37 and values[-1] >= 2.9
+    gaps = {round(b - a, 9) for a, b in zip(values, values[1:])}
+    assert gaps == {1.0} and values[0] == -1 and values[-1] == 3  # (2.9 + 0.37) / 5 rounds up to 1
+
+
+def test_cli_skips_a_cut_last_line_and_writes_only_the_run_folder_svg(tmp_path, run_limited):
+    rows = orpo_rows()
+    run = write_run(tmp_path / "orpo", rows, tail='{"step": 35, "train/sft_lo')
+    p = run_limited(["-m", "minorpo.plot", str(run)], cwd=tmp_path)
+    assert p.returncode == 0, p.stderr
+    assert "metrics.jsonl:8: cut last line skipped" in p.stderr
+    assert sorted(os.listdir(run)) == ["metrics.jsonl", "metrics.svg"] and sorted(os.listdir(tmp_path)) == ["orpo"]
+    assert len(curves(run / "metrics.svg")["orpo: train/sft_loss"]) == len(rows) - 1
+
+
+@pytest.mark.parametrize("content, needle", [
+    (None, "not found"),
+    ("", "no metrics rows"),
+    ("not json\n" + json.dumps({"step": 1}) + "\n", "metrics.jsonl:1: not a metrics row"),
+    ("[1, 2]\n", "metrics.jsonl:1: not a metrics row"),
+])
+def test_cli_bad_input_is_one_line_naming_the_file(tmp_path, run_limited, one_line_error, content, needle):
+    path = tmp_path / "metrics.jsonl"
+    if content is not None:
+        path.write_text(content)
+    p = run_limited(["-m", "minorpo.plot", str(path)], cwd=tmp_path)
+    one_line_error(p, str(path), needle)
+    assert not (tmp_path / "metrics.svg").exists()
+
+
+def test_cli_several_runs_need_out(tmp_path, run_limited, one_line_error):
+    a, b = write_run(tmp_path / "a", orpo_rows(2)), write_run(tmp_path / "b", orpo_rows(2))
+    one_line_error(run_limited(["-m", "minorpo.plot", str(a), str(b)], cwd=tmp_path), "--out")
