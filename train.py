@@ -22,7 +22,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 from torch.nn.parallel import DistributedDataParallel as DDP  # noqa: E402
 
-from minorpo import batches, checkpoint, config, data, files, lora, loss, runs, state, step, tiny  # noqa: E402
+from minorpo import batches, checkpoint, config, data, files, lora, loss, plot, runs, state, step, tiny  # noqa: E402
 
 # -----------------------------------------------------------------------------
 # 1. config: a preset plus key=value overrides. A mistake in anything the user gives ends in one line.
@@ -314,8 +314,10 @@ if ddp:
     dist.destroy_process_group()
 
 # 10. optional extras: a failure here loses nothing, final/ is complete
-if master and (eval_set or sample_cfg["prompts"]):
+if master:
     try:
-        show_samples("after training")
+        if eval_set or sample_cfg["prompts"]:
+            show_samples("after training")
+        log(f"[plot] {plot.write_svg(metrics_log.path, os.path.join(run_dir, 'metrics.svg'))}")
     except Exception as e:  # noqa: BLE001 - any failure of an extra is reported, never lost silently
-        sys.exit(f"error: the after-training samples failed ({type(e).__name__}: {e}); final/ is complete and safe")
+        sys.exit(f"error: an optional step after training failed ({type(e).__name__}: {e}); final/ is complete and safe")

@@ -22,14 +22,12 @@ Decisions:
 """
 import argparse
 import sys
-import warnings
 
-warnings.filterwarnings("ignore", message="Failed to initialize NumPy")  # torch's note; minorpo needs no NumPy
 import torch  # noqa: E402
 from safetensors import SafetensorError  # noqa: E402
 
-from minorpo import checkpoint, data, lora  # noqa: E402
-from minorpo.files import UserError  # noqa: E402
+from minorpo import checkpoint, data, lora
+from minorpo.files import UserError
 
 HELP = "[chat] /reset starts a new conversation, /exit or Ctrl-D ends it"
 

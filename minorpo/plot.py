@@ -23,10 +23,8 @@ import json
 import math
 import os
 import sys
-import warnings
 
-warnings.filterwarnings("ignore", message="Failed to initialize NumPy")  # torch's note; minorpo needs no NumPy
-from minorpo.files import UserError, atomic_write, file_inside  # noqa: E402
+from minorpo.files import UserError, atomic_write, file_inside
 
 PANELS = [  # (title, [(metrics key, legend label)]): the first curve solid, the second dashed
     ("Loss terms (train)", [("train/sft_loss", "L_SFT"), ("train/orpo_loss", "L_OR")]),
