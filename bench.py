@@ -40,6 +40,11 @@ SHAPES = {  # (model class, config); random weights, so nothing is downloaded
         vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, head_dim=16, rope_theta=1e6, max_position_embeddings=128, model_type="qwen3",
         tie_word_embeddings=True)),
+    "tiny-qwen3.5": (Qwen35, Qwen35Config(  # 3 DeltaNet layers + 1 attention layer
+        vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, linear_num_key_heads=2, linear_num_value_heads=4,
+        linear_key_head_dim=16, linear_value_head_dim=16, max_position_embeddings=128,
+        tie_word_embeddings=True)),
 }
 LORA_TARGETS = dict(targets=["gate_proj", "up_proj", "down_proj"],  # all seven projections, as the baseline
                     attn_targets=["q_proj", "k_proj", "v_proj", "o_proj"])
@@ -64,10 +69,16 @@ def protocol_batch(pairs, vocab_size, lo=32, hi=512, max_len=1024, seed=0):
     return {"input_ids": input_ids, "labels": labels}, sum(len(s) for s in seqs)
 
 
+def batch_for(shape, pairs):
+    """The protocol batch for a shape: 32-512 tokens per part (8-32 for tiny shapes, a CPU check)."""
+    lo, hi, max_len = (8, 32, 64) if shape.startswith("tiny") else (32, 512, 1024)
+    return protocol_batch(pairs, SHAPES[shape][1].vocab_size, lo, hi, max_len)
+
+
 def run(shape, kind, pairs, compile_layers, grad_ckpt, chunk_size, steps, warmup, layout="padded"):
     """Time `steps` optimizer steps after `warmup` untimed ones (compilation, allocator warm-up); returns
     the JSON row. Peak memory is read over the timed steps only (the statistics are reset after warm-up)."""
-    on_cuda = torch.cuda.is_available() and shape != "tiny"
+    on_cuda = torch.cuda.is_available() and not shape.startswith("tiny")
     device = "cuda" if on_cuda else "cpu"
     model_class, cfg = SHAPES[shape]
     # built on the CPU (deterministic init), then moved; the precision policy is train.py's: frozen
@@ -90,8 +101,7 @@ def run(shape, kind, pairs, compile_layers, grad_ckpt, chunk_size, steps, warmup
     policy = step.Policy(model, chunk_size)
     optimizer = step.adamw(trained, lr=1e-5, weight_decay=0.0, fused=on_cuda)
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if on_cuda else contextlib.nullcontext
-    lo, hi, max_len = (32, 512, 1024) if shape != "tiny" else (8, 32, 64)
-    batch, real_tokens = protocol_batch(pairs, cfg.vocab_size, lo, hi, max_len)
+    batch, real_tokens = batch_for(shape, pairs)
     times, metrics = [], {}
     for i in range(warmup + steps):
         if on_cuda and i == warmup:
@@ -129,10 +139,10 @@ def main():
                     help="how pairs are laid out in the batch: right-padded rows (the only layout so far)")
     a = ap.parse_args()
     shape = "tiny" if a.tiny else a.shape
-    if shape != "tiny" and not torch.cuda.is_available():
+    if not shape.startswith("tiny") and not torch.cuda.is_available():
         sys.exit(f"bench.py: no CUDA device; the {shape} benchmark needs a GPU. "
                  "On the CPU, run `python bench.py --tiny` (tiny shapes: checks that it runs)")
-    use_compile = a.compile == "on" or (a.compile == "auto" and torch.cuda.is_available() and not a.tiny)
+    use_compile = a.compile == "on" or (a.compile == "auto" and not shape.startswith("tiny"))
     for kind in a.configs.split(","):
         print(json.dumps(run(shape, kind, a.pairs, use_compile, a.grad_ckpt == "on", a.chunk_size,
                              a.steps, a.warmup, a.layout)), flush=True)
