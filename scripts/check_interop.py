@@ -1,6 +1,6 @@
-"""Dev-only: check that what minorpo writes loads in Hugging Face transformers and PEFT with equal logits.
+"""Dev-only: check that minorpo's adapters and checkpoints load in transformers and PEFT with equal logits; needs transformers and peft.
 
-Needs transformers and peft (not minorpo dependencies; no test imports this file):
+transformers and peft are not minorpo dependencies, and no test imports this file:
     pip install transformers peft && python scripts/check_interop.py
 
 For a tiny random Qwen3 and Qwen2 model it wraps LoRA (random B, so the adapter does something), then
@@ -9,13 +9,14 @@ For a tiny random Qwen3 and Qwen2 model it wraps LoRA (random B, so the adapter 
   2. merges it and saves a checkpoint folder, loaded with transformers' AutoModelForCausalLM;
 and prints the max |logit difference| of each against minorpo's own forward pass (fp32).
 """
+import argparse
 import os
 import sys
 import tempfile
+import warnings
 
-import torch
-from peft import PeftModel
-from transformers import AutoModelForCausalLM
+warnings.filterwarnings("ignore", message="Failed to initialize NumPy")  # torch's note; minorpo needs no NumPy
+import torch  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from minorpo import checkpoint, lora  # noqa: E402
@@ -32,13 +33,20 @@ CONFIGS = {
 
 
 def main():
+    argparse.ArgumentParser(description=__doc__.split("\n")[0]).parse_args()
+    try:
+        from peft import PeftModel
+        from transformers import AutoModelForCausalLM
+    except ImportError as missing:
+        sys.exit(f"scripts/check_interop.py needs transformers and peft (pip install transformers peft): {missing}")
     ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0))
     worst = 0.0
     for name, cfg in CONFIGS.items():
         with tempfile.TemporaryDirectory() as tmp:
             base_dir, adapter_dir, merged_dir = (os.path.join(tmp, d) for d in ("base", "adapter", "merged"))
             model = Qwen(cfg, seed=1)
-            checkpoint.save_model(model, base_dir, dtype=torch.float32)
+            os.makedirs(base_dir)
+            checkpoint.write_model(model, base_dir, dtype=torch.float32)
             lora.inject_lora(model, 4, 8.0, targets=["gate_proj", "up_proj", "down_proj"],
                              attn_targets=["q_proj", "k_proj", "v_proj", "o_proj"], start_layer=1)
             g = torch.Generator().manual_seed(2)
@@ -48,7 +56,8 @@ def main():
                 ours = model(ids)
             lora.save_adapter(model, adapter_dir, base_model_name=base_dir)
             lora.merge_lora(model)
-            checkpoint.save_model(model, merged_dir, dtype=torch.float32)
+            os.makedirs(merged_dir)
+            checkpoint.write_model(model, merged_dir, dtype=torch.float32)
 
             hf_base = AutoModelForCausalLM.from_pretrained(base_dir, torch_dtype=torch.float32)
             peft_model = PeftModel.from_pretrained(hf_base, adapter_dir).eval()
