@@ -26,8 +26,8 @@ warnings.filterwarnings("ignore", category=FutureWarning)  # transformers 5 rena
 try:
     import peft
     import transformers
-except ImportError as missing:
-    sys.exit(f"scripts/hf_baseline.py needs transformers and peft (pip install transformers peft): {missing}")
+except ImportError:
+    peft = transformers = None  # main() says so in one line; --help still works
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
@@ -124,6 +124,8 @@ def main():
     ap.add_argument("--steps", type=int, default=8, help="timed steps (the median is reported)")
     ap.add_argument("--warmup", type=int, default=3, help="untimed steps first")
     a = ap.parse_args()
+    if peft is None or transformers is None:
+        sys.exit("scripts/hf_baseline.py needs transformers and peft (pip install transformers peft)")
     if not a.tiny and not torch.cuda.is_available():
         sys.exit("scripts/hf_baseline.py: no CUDA device; the baseline needs a GPU. "
                  "On the CPU, run it with --tiny (tiny shapes: checks that it runs)")
