@@ -1,4 +1,6 @@
-"""Dev-only: check that minorpo's adapters and checkpoints load in transformers and PEFT with equal logits; needs transformers and peft.
+"""Dev-only: check that minorpo's adapters and models load in transformers/PEFT; needs transformers and peft.
+
+It compares logits: what minorpo writes must give the same outputs there as in minorpo.
 
 transformers and peft are not minorpo dependencies, and no test imports this file:
     pip install transformers peft && python scripts/check_interop.py

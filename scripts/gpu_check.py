@@ -15,9 +15,10 @@ every part, so whatever was measured survives. Parts, in order, and what they ad
   stated tolerance, compiled layers equal eager) -> tests_passed, tests_failed, tests_skipped.
 - model_folder, then train.py on random-init Qwen3-0.6B shapes (tiny in a dry run) and the tiny task's
   pairs: train_lora (LoRA, eager, a checkpoint halfway), train_resume (from that checkpoint: the same
-  losses within RESUME_TOLERANCE), train_full (full fine-tuning, compiled on CUDA). Each records its
-  losses, whether they are finite and fall, whether final/ was written and every saved tensor is finite.
+  losses within RESUME_TOLERANCE), train_full (full fine-tuning, eager). Each records its losses,
+  whether they are finite and fall, whether final/ was written and every saved tensor is finite.
 - minorpo_qwen35_lora: bench.py's LoRA step on the Qwen3.5-0.8B hybrid shape.
+- train_compiled: train_lora's run with train.py's default compile setting (on for CUDA), if time is left.
 """
 import argparse
 import contextlib
@@ -43,12 +44,13 @@ import torch  # noqa: E402
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 SPEED_ROWS = ("minorpo_lora", "minorpo_full", "hf_peft_trl_style_gc", "hf_peft_trl_style_nogc", "minorpo_qwen35_lora")
-TRAIN_RUNS = ("train_lora", "train_resume", "train_full")
+EMPTY_ROW = {"status": "not run", "real_tok_per_s": None, "peak_gb": None, "step_ms": None}
+TRAIN_RUNS = ("train_lora", "train_resume", "train_full", "train_compiled")
 RESUME_TOLERANCE = 1e-3  # relative, per logged loss: CUDA's backward kernels may add in another order
 # (part, seconds it may take at most); the whole run stops starting parts when --budget runs out
 PARTS = [("minorpo_lora", 100), ("hf_peft_trl_style_gc", 60), ("hf_peft_trl_style_nogc", 60), ("minorpo_full", 90),
          ("tests", 90), ("model_folder", 60), ("train_lora", 75), ("train_resume", 60), ("train_full", 90),
-         ("minorpo_qwen35_lora", 75)]
+         ("minorpo_qwen35_lora", 75), ("train_compiled", 120)]
 
 
 class Skipped(Exception):
@@ -71,7 +73,7 @@ def run_python(args, timeout, log_name, work):
             code = proc.wait(timeout=max(1.0, timeout))
         except subprocess.TimeoutExpired:
             code = None
-        with contextlib.suppress(ProcessLookupError):  # the part at a timeout, or what it left running
+        with contextlib.suppress(ProcessLookupError, PermissionError):  # the part at a timeout, or what it left
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
     with open(err_path) as f:
@@ -171,10 +173,12 @@ def train_part(name):
                 "training.eval_every=0", "training.batch_size=8", "training.grad_accum_steps=1",
                 "data.max_length=128", "data.max_prompt_length=64", "data.eval_fraction=0.02",
                 "sample.max_new_tokens=4", "lora.dropout=0.0"]
-        if name == "train_full":  # compile: auto (on for CUDA), as train.py runs by default
+        if name == "train_full":
             args += ["training.learning_rate=1e-4", "training.phases=[{step: 0, trainable: [all]}]"]
-        else:  # eager, so the resumed run can be compared step for step
-            args += ["training.learning_rate=1e-3", f"training.save_every={steps // 2}", "training.compile='off'"]
+        else:
+            args += ["training.learning_rate=1e-3", f"training.save_every={steps // 2}"]
+        if name != "train_compiled":  # eager, so the resumed run can be compared step for step; the
+            args.append("training.compile='off'")  # last run keeps train.py's default (compiled on CUDA)
         resume_from = os.path.join(runs, "train_lora", f"step_{steps // 2:06d}")
         if name == "train_resume":
             if not os.path.isdir(resume_from):
@@ -220,13 +224,6 @@ def targets(result):
             for name, (r, t, op) in rows.items()}
 
 
-def version(package):
-    try:
-        return importlib.metadata.version(package)
-    except importlib.metadata.PackageNotFoundError:
-        return None
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "gpu_check.json"))
@@ -252,18 +249,24 @@ def main():
     functions = {"tests": tests_part, "model_folder": model_folder_part,
                  **{name: speed_part(name, a.dry_run) for name in SPEED_ROWS},
                  **{name: train_part(name) for name in TRAIN_RUNS}}
-    result = {"device": None, "torch": torch.__version__, "transformers": version("transformers"),
-              "peft": version("peft"), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-              "dry_run": a.dry_run, "budget_s": a.budget, "work": work if a.keep else None,
-              **{name: {"status": "not run", "real_tok_per_s": None, "peak_gb": None, "step_ms": None}
-                 for name in SPEED_ROWS},
-              "tests_passed": None, "tests_failed": None, "tests_skipped": None}
+    previous = {}
+    if only and os.path.isfile(a.out):  # a rerun of some parts keeps the others' results
+        with open(a.out) as f:
+            previous = json.load(f)
+    result = {**{name: EMPTY_ROW for name in SPEED_ROWS}, "tests_passed": None, "tests_failed": None,
+              "tests_skipped": None, **previous,
+              "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+              "torch": torch.__version__,
+              **{package: importlib.util.find_spec(package) and importlib.metadata.version(package)
+                 for package in ("transformers", "peft")},
+              "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+              "dry_run": a.dry_run, "budget_s": a.budget, "work": work if a.keep else None}
     os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
     try:
         for name, seconds in PARTS:
             if only and name not in only:
                 continue
-            left, start, entry = deadline - time.time(), time.time(), {}
+            left, start = deadline - time.time(), time.time()
             try:
                 if left < 10:
                     raise Skipped(f"no time left in --budget {a.budget:.0f} s")
@@ -276,7 +279,7 @@ def main():
             entry["seconds"] = round(time.time() - start, 1)
             print(f"[gpu_check] {name}: {entry['status']} in {entry['seconds']} s"
                   + "".join(f"; {entry[k]}" for k in ("error", "reason") if k in entry), flush=True)
-            result[name] = {**result.get(name, {}), **entry}
+            result[name] = {**(EMPTY_ROW if name in SPEED_ROWS else {}), **entry}
             if name == "tests":
                 result.update({f"tests_{k}": entry.get(k) for k in ("passed", "failed", "skipped")})
             result["targets"] = targets(result)
@@ -285,12 +288,9 @@ def main():
     finally:
         if not a.keep:
             shutil.rmtree(work, ignore_errors=True)
-    result["device"] = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-    with open(a.out, "w") as f:
-        json.dump(result, f, indent=1)
     print(f"[gpu_check] wrote {a.out}; targets: " + ", ".join(
         f"{k} {v['ratio']} ({v['target']}: {'met' if v['met'] else 'not met' if v['met'] is False else 'n/a'})"
-        for k, v in result["targets"].items()))
+        for k, v in targets(result).items()))
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Dev-only: write the golden test fixtures (tiny random models and their logits) with transformers; needs transformers 5.
+"""Dev-only: write tests/fixtures/ (tiny random models, their logits) with transformers; needs transformers 5.
 
     python scripts/make_fixtures.py                # (re)write tests/fixtures/
     python scripts/make_fixtures.py qwen35-tiny    # (re)write the named fixtures only
@@ -9,7 +9,8 @@ No test imports this script and minorpo does not depend on transformers; it runs
 environment (transformers 5 with models/qwen3_5, 5.24 made them; peft not needed). It builds tiny random
 models with transformers, fills *every* parameter with random values (transformers initialises norm gains
 to 1 and biases to 0, which would hide a missing bias or a misplaced norm), saves them as checkpoint
-folders, and stores input ids with the reference fp32 logits (eager attention) next to them. Between them the fixtures cover:
+folders, and stores input ids with the reference fp32 logits (eager attention) next to them. Between them
+the fixtures cover:
 
 | fixture     | family  | head_dim       | lm_head | weights                 | config.json spelling         |
 |-------------|---------|----------------|---------|-------------------------|------------------------------|
@@ -198,7 +199,8 @@ def check_save_loads_in_transformers():
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("names", nargs="*", help=f"fixtures to write (default: all of {', '.join([*SPECS, 'qwen35-tiny'])})")
+    ap.add_argument("names", nargs="*", help="fixtures to write (default: all of "
+                                             f"{', '.join([*SPECS, 'qwen35-tiny'])})")
     ap.add_argument("--check", action="store_true", help="check minorpo's saved folders in transformers instead")
     a = ap.parse_args()
     if transformers is None:

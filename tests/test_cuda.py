@@ -23,7 +23,8 @@ FIXTURES = os.path.join(ROOT, "tests", "fixtures")
 # Qwen3.5's reference also holds bf16 logits, which minorpo's bf16 model stays within 0.1 of (test_qwen35.py).
 BF16 = {"qwen2-tiny": ("logits", 0.15), "qwen3-tiny": ("logits", 0.15), "qwen35-tiny": ("logits_bf16", 0.1)}
 FP32_TOLERANCE = 1e-4  # CUDA kernels sum in another order than the CPU's; TF32 is off (torch's default)
-LORA_TARGETS = dict(targets=["gate_proj", "up_proj", "down_proj"], attn_targets=["q_proj", "k_proj", "v_proj", "o_proj"])
+LORA_TARGETS = dict(targets=["gate_proj", "up_proj", "down_proj"],
+                    attn_targets=["q_proj", "k_proj", "v_proj", "o_proj"])
 
 
 def reference_of(name):
