@@ -1,9 +1,9 @@
-"""Benchmark: one ORPO training step of minorpo on a Qwen3-0.6B-shaped model (protocol: README, Performance).
+"""Benchmark: time one minorpo ORPO training step on Qwen3-0.6B shapes; needs a CUDA GPU (--tiny: the CPU).
 
-It times step.train_step, the very function train.py calls, on the protocol's synthetic batch: 8 pairs,
-lengths drawn from [32, 512] per prompt / chosen / rejected, random ids, random bf16 weights (no
-download). Prints one JSON line per configuration, comparable with the Hugging Face + PEFT + TRL-style
-baseline run in the same call on the same GPU.
+It times step.train_step, the very function train.py calls, on a fixed synthetic batch (8 pairs, 8,450
+real tokens, random weights: nothing is downloaded) and prints one JSON line per configuration. What is
+timed, the warm-up, how tokens and peak memory are counted, the baseline and the targets:
+docs/benchmark.md. scripts/gpu_check.py runs it beside the Hugging Face baseline (scripts/hf_baseline.py).
 
     python bench.py                    # LoRA r16 and full fine-tuning, on the GPU
     python bench.py --shape qwen3.5-0.8b --configs lora   # the hybrid DeltaNet model
@@ -14,14 +14,17 @@ import argparse
 import contextlib
 import json
 import statistics
+import sys
 import time
+import warnings
 
-import torch
+warnings.filterwarnings("ignore", message="Failed to initialize NumPy")  # torch's note; minorpo needs no NumPy
+import torch  # noqa: E402
 
-from minorpo import lora, step
-from minorpo.loss import IGNORE_INDEX
-from minorpo.model import ModelConfig, Qwen
-from minorpo.qwen35 import Qwen35, Qwen35Config
+from minorpo import lora, step  # noqa: E402
+from minorpo.loss import IGNORE_INDEX  # noqa: E402
+from minorpo.model import ModelConfig, Qwen  # noqa: E402
+from minorpo.qwen35 import Qwen35, Qwen35Config  # noqa: E402
 
 SHAPES = {  # (model class, config); random weights, so nothing is downloaded
     "qwen3-0.6b": (Qwen, ModelConfig(
@@ -37,8 +40,13 @@ SHAPES = {  # (model class, config); random weights, so nothing is downloaded
         vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, head_dim=16, rope_theta=1e6, max_position_embeddings=128, model_type="qwen3",
         tie_word_embeddings=True)),
+    "tiny-qwen3.5": (Qwen35, Qwen35Config(  # 3 DeltaNet layers + 1 attention layer
+        vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, linear_num_key_heads=2, linear_num_value_heads=4,
+        linear_key_head_dim=16, linear_value_head_dim=16, max_position_embeddings=128,
+        tie_word_embeddings=True)),
 }
-LORA_TARGETS = dict(targets=["gate_proj", "up_proj", "down_proj"],  # PROTOCOL.md: all seven projections
+LORA_TARGETS = dict(targets=["gate_proj", "up_proj", "down_proj"],  # all seven projections, as the baseline
                     attn_targets=["q_proj", "k_proj", "v_proj", "o_proj"])
 DELTANET_TARGETS = ["in_proj_qkv", "in_proj_z", "out_proj"]  # Qwen3.5's linear-attention projections
 
@@ -61,8 +69,16 @@ def protocol_batch(pairs, vocab_size, lo=32, hi=512, max_len=1024, seed=0):
     return {"input_ids": input_ids, "labels": labels}, sum(len(s) for s in seqs)
 
 
-def run(shape, kind, pairs, compile_layers, grad_ckpt, chunk_size, steps, warmup):
-    on_cuda = torch.cuda.is_available() and shape != "tiny"
+def batch_for(shape, pairs):
+    """The protocol batch for a shape: 32-512 tokens per part (8-32 for tiny shapes, a CPU check)."""
+    lo, hi, max_len = (8, 32, 64) if shape.startswith("tiny") else (32, 512, 1024)
+    return protocol_batch(pairs, SHAPES[shape][1].vocab_size, lo, hi, max_len)
+
+
+def run(shape, kind, pairs, compile_layers, grad_ckpt, chunk_size, steps, warmup, layout="padded"):
+    """Time `steps` optimizer steps after `warmup` untimed ones (compilation, allocator warm-up); returns
+    the JSON row. Peak memory is read over the timed steps only (the statistics are reset after warm-up)."""
+    on_cuda = torch.cuda.is_available() and not shape.startswith("tiny")
     device = "cuda" if on_cuda else "cpu"
     model_class, cfg = SHAPES[shape]
     # built on the CPU (deterministic init), then moved; the precision policy is train.py's: frozen
@@ -85,45 +101,54 @@ def run(shape, kind, pairs, compile_layers, grad_ckpt, chunk_size, steps, warmup
     policy = step.Policy(model, chunk_size)
     optimizer = step.adamw(trained, lr=1e-5, weight_decay=0.0, fused=on_cuda)
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if on_cuda else contextlib.nullcontext
-    lo, hi, max_len = (32, 512, 1024) if shape != "tiny" else (8, 32, 64)
-    batch, real_tokens = protocol_batch(pairs, cfg.vocab_size, lo, hi, max_len)
-    if on_cuda:
-        torch.cuda.reset_peak_memory_stats()
-    times, m = [], {}
+    batch, real_tokens = batch_for(shape, pairs)
+    times, metrics = [], {}
     for i in range(warmup + steps):
+        if on_cuda and i == warmup:
+            torch.cuda.reset_peak_memory_stats()
         if on_cuda:
             torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        m = step.train_step(policy, optimizer, [batch], "orpo", 0.1, "mean", 1.0, autocast, device)
+        start = time.perf_counter()
+        metrics = step.train_step(policy, optimizer, [batch], "orpo", 0.1, "mean", 1.0, autocast, device)
         if on_cuda:
-            torch.cuda.synchronize()
+            torch.cuda.synchronize()  # kernels run asynchronously: wait for them before reading the clock
         if i >= warmup:
-            times.append(time.perf_counter() - t0)
-    ms = statistics.median(times) * 1e3
+            times.append(time.perf_counter() - start)
+    step_s = statistics.median(times)
     return dict(name=f"minorpo_{kind}{'_compile' if compile_layers else ''}{'_gc' if grad_ckpt else ''}",
-                shape=shape, pairs=pairs, ms=round(ms, 2), real_tokens=real_tokens,
-                real_tok_per_s=round(real_tokens / ms * 1e3), pairs_per_s=round(pairs / ms * 1e3, 2),
+                shape=shape, layout=layout, pairs=pairs, step_ms=round(step_s * 1e3, 2), step_s=round(step_s, 5),
+                real_tokens=real_tokens, tokens_processed=batch["input_ids"].numel(),
+                real_tok_per_s=round(real_tokens / step_s), pairs_per_s=round(pairs / step_s, 2),
                 peak_gb=round(torch.cuda.max_memory_allocated() / 2**30, 2) if on_cuda else None,
-                loss=round(m["total_loss"], 4), trainable_params=sum(p.numel() for p in trained.values()),
+                loss=round(metrics["total_loss"], 4), trainable_params=sum(p.numel() for p in trained.values()),
                 device=torch.cuda.get_device_name() if on_cuda else "cpu", torch=torch.__version__)
 
 
-if __name__ == "__main__":
+def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--tiny", action="store_true", help="tiny shapes on the CPU")
+    ap.add_argument("--tiny", action="store_true", help="tiny shapes on the CPU (checks that it runs)")
     ap.add_argument("--shape", choices=sorted(SHAPES), default="qwen3-0.6b")
     ap.add_argument("--pairs", type=int, default=8)
-    ap.add_argument("--steps", type=int, default=8)
-    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=8, help="timed steps (the median is reported)")
+    ap.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation)")
     ap.add_argument("--configs", default="lora,full", help="comma list of lora, full")
     ap.add_argument("--compile", choices=["auto", "on", "off"], default="auto", help="auto: on for CUDA")
     ap.add_argument("--grad-ckpt", choices=["on", "off"], default="off")
     ap.add_argument("--chunk-size", type=int, default=4096, help="response tokens per output-head chunk")
+    ap.add_argument("--layout", choices=["padded"], default="padded",
+                    help="how pairs are laid out in the batch: right-padded rows (the only layout so far)")
     a = ap.parse_args()
     shape = "tiny" if a.tiny else a.shape
-    use_compile = a.compile == "on" or (a.compile == "auto" and torch.cuda.is_available() and not a.tiny)
+    if not shape.startswith("tiny") and not torch.cuda.is_available():
+        sys.exit(f"bench.py: no CUDA device; the {shape} benchmark needs a GPU. "
+                 "On the CPU, run `python bench.py --tiny` (tiny shapes: checks that it runs)")
+    use_compile = a.compile == "on" or (a.compile == "auto" and not shape.startswith("tiny"))
     for kind in a.configs.split(","):
         print(json.dumps(run(shape, kind, a.pairs, use_compile, a.grad_ckpt == "on", a.chunk_size,
-                             a.steps, a.warmup)), flush=True)
+                             a.steps, a.warmup, a.layout)), flush=True)
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,6 +1,8 @@
-"""Dev-only: check that what minorpo writes loads in Hugging Face transformers and PEFT with equal logits.
+"""Dev-only: check that minorpo's adapters and models load in transformers/PEFT; needs transformers and peft.
 
-Needs transformers and peft (not minorpo dependencies; no test imports this file):
+It compares logits: what minorpo writes must give the same outputs there as in minorpo.
+
+transformers and peft are not minorpo dependencies, and no test imports this file:
     pip install transformers peft && python scripts/check_interop.py
 
 For a tiny random Qwen3 and Qwen2 model it wraps LoRA (random B, so the adapter does something), then
@@ -9,13 +11,14 @@ For a tiny random Qwen3 and Qwen2 model it wraps LoRA (random B, so the adapter 
   2. merges it and saves a checkpoint folder, loaded with transformers' AutoModelForCausalLM;
 and prints the max |logit difference| of each against minorpo's own forward pass (fp32).
 """
+import argparse
 import os
 import sys
 import tempfile
+import warnings
 
-import torch
-from peft import PeftModel
-from transformers import AutoModelForCausalLM
+warnings.filterwarnings("ignore", message="Failed to initialize NumPy")  # torch's note; minorpo needs no NumPy
+import torch  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from minorpo import checkpoint, lora  # noqa: E402
@@ -32,6 +35,12 @@ CONFIGS = {
 
 
 def main():
+    argparse.ArgumentParser(description=__doc__.split("\n")[0]).parse_args()
+    try:
+        from peft import PeftModel
+        from transformers import AutoModelForCausalLM
+    except ImportError as missing:
+        sys.exit(f"scripts/check_interop.py needs transformers and peft (pip install transformers peft): {missing}")
     ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0))
     worst = 0.0
     for name, cfg in CONFIGS.items():

@@ -1,4 +1,4 @@
-"""DEV-ONLY: build the golden test fixtures with the reference implementation (needs transformers).
+"""Dev-only: write tests/fixtures/ (tiny random models, their logits) with transformers; needs transformers 5.
 
     python scripts/make_fixtures.py                # (re)write tests/fixtures/
     python scripts/make_fixtures.py qwen35-tiny    # (re)write the named fixtures only
@@ -9,7 +9,8 @@ No test imports this script and minorpo does not depend on transformers; it runs
 environment (transformers 5 with models/qwen3_5, 5.24 made them; peft not needed). It builds tiny random
 models with transformers, fills *every* parameter with random values (transformers initialises norm gains
 to 1 and biases to 0, which would hide a missing bias or a misplaced norm), saves them as checkpoint
-folders, and stores input ids with the reference fp32 logits (eager attention) next to them. Between them the fixtures cover:
+folders, and stores input ids with the reference fp32 logits (eager attention) next to them. Between them
+the fixtures cover:
 
 | fixture     | family  | head_dim       | lm_head | weights                 | config.json spelling         |
 |-------------|---------|----------------|---------|-------------------------|------------------------------|
@@ -28,25 +29,32 @@ layer, twice as many value heads as key heads, and 80 input tokens, so the Delta
 are crossed. A_log is drawn so that the heads' decay rates range from slow to fast forgetting. Its
 reference file also holds the bf16 model's logits.
 """
+import argparse
 import json
 import os
 import sys
 import tempfile
+import warnings
 
-import torch
-import transformers
-from safetensors.torch import save_file, load_file
+warnings.filterwarnings("ignore", message="Failed to initialize NumPy")
+import torch  # noqa: E402
+from safetensors.torch import load_file, save_file  # noqa: E402
+
+try:
+    import transformers
+except ImportError:
+    transformers = None  # main() says so in one line; --help still works
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURES = os.path.join(ROOT, "tests", "fixtures")
 COMMON = dict(vocab_size=160, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
               max_position_embeddings=64, attn_implementation="eager")
-SPECS = {
-    "qwen2-tiny": transformers.Qwen2Config(hidden_size=32, intermediate_size=64, tie_word_embeddings=True,
-                                           rope_theta=1_000_000.0, rms_norm_eps=1e-6, **COMMON),
-    "qwen3-tiny": transformers.Qwen3Config(hidden_size=48, intermediate_size=96, head_dim=16,
-                                           tie_word_embeddings=False, rope_theta=500_000.0,
-                                           rms_norm_eps=1e-5, **COMMON),
+SPECS = {  # fixture: (transformers config class name, its arguments)
+    "qwen2-tiny": ("Qwen2Config", dict(hidden_size=32, intermediate_size=64, tie_word_embeddings=True,
+                                       rope_theta=1_000_000.0, rms_norm_eps=1e-6, **COMMON)),
+    "qwen3-tiny": ("Qwen3Config", dict(hidden_size=48, intermediate_size=96, head_dim=16,
+                                       tie_word_embeddings=False, rope_theta=500_000.0, rms_norm_eps=1e-5,
+                                       **COMMON)),
 }
 
 
@@ -87,7 +95,8 @@ def to_transformers4_spelling(folder):
         json.dump(raw, f, indent=2, sort_keys=True)
 
 
-def build(name, config):
+def build(name, spec):
+    config = getattr(transformers, spec[0])(**spec[1])
     generator = torch.Generator().manual_seed(sum(map(ord, name)))
     model = transformers.AutoModelForCausalLM.from_config(config).float().eval()
     randomize(model, generator)
@@ -186,13 +195,22 @@ def check_save_loads_in_transformers():
                 assert diff <= tolerance, diff
 
 
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("names", nargs="*", help="fixtures to write (default: all of "
+                                             f"{', '.join([*SPECS, 'qwen35-tiny'])})")
+    ap.add_argument("--check", action="store_true", help="check minorpo's saved folders in transformers instead")
+    a = ap.parse_args()
+    if transformers is None:
+        sys.exit("scripts/make_fixtures.py needs transformers 5 (pip install transformers)")
+    if a.check:
+        return check_save_loads_in_transformers()
+    for fixture_name in a.names or [*SPECS, "qwen35-tiny"]:
+        if fixture_name == "qwen35-tiny":
+            build_qwen35(fixture_name)
+        else:
+            build(fixture_name, SPECS[fixture_name])
+
+
 if __name__ == "__main__":
-    if "--check" in sys.argv:
-        check_save_loads_in_transformers()
-    else:
-        names = sys.argv[1:] or [*SPECS, "qwen35-tiny"]
-        for fixture_name in names:
-            if fixture_name == "qwen35-tiny":
-                build_qwen35(fixture_name)
-            else:
-                build(fixture_name, SPECS[fixture_name])
+    main()
