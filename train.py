@@ -12,7 +12,6 @@ import contextlib
 import datetime
 import math
 import os
-import signal
 import sys
 import time
 import warnings
@@ -80,22 +79,21 @@ if master:
     runs.check_run_folder(run_dir, train_cfg["resume_from"], model_dir, data_paths)
     for line in runs.recover(run_dir):
         log(line)
-if ddp:
-    dist.barrier()  # rank 0 has written the tiny model and data, and checked the run folder
+dist.barrier() if ddp else None  # rank 0 has written the tiny model and data, and checked the run folder
 tokenizer = data.load_tokenizer(model_dir)
 rows = data.read_jsonl(data_path, max_length=data_cfg["max_length"])
 if data_cfg["eval_path"]:
     train_rows, eval_rows = rows, data.read_jsonl(data_cfg["eval_path"], max_length=data_cfg["max_length"])
 else:  # split the rows, not the examples, so the held-out set does not depend on filtering
     train_rows, eval_rows = batches.split_examples(rows, data_cfg["eval_fraction"], cfg["seed"])
-lengths = dict(fmt=data_cfg["format"], template=data_cfg["template"], max_length=data_cfg["max_length"],
-               max_prompt_length=data_cfg["max_prompt_length"])
-train_set, filter_lines = data.make_examples(train_rows, tokenizer, data_cfg["task"], source=data_path, **lengths)
+preprocess = dict(fmt=data_cfg["format"], template=data_cfg["template"], max_length=data_cfg["max_length"],
+                  max_prompt_length=data_cfg["max_prompt_length"])
+train_set, filter_lines = data.make_examples(train_rows, tokenizer, data_cfg["task"], source=data_path, **preprocess)
 # An SFT run on preference rows still evaluates the pairs, to watch the rejected answers (paper, Fig. 7).
 pairs = any(k in next((row for _, row in eval_rows if row), {}) for k in ("rejected", "rejected_input_ids"))
 eval_task = "prompted_preference" if data_cfg["task"] == "sft" and pairs else data_cfg["task"]
 eval_set, eval_filter_lines = data.make_examples(
-    eval_rows, tokenizer, eval_task, source=data_cfg["eval_path"] or f"{data_path} (held out)", **lengths
+    eval_rows, tokenizer, eval_task, source=data_cfg["eval_path"] or f"{data_path} (held out)", **preprocess
 ) if eval_rows else ([], [])
 stop_ids, pad_id = data.stop_and_pad_ids(tokenizer, data_cfg["template"])
 for line in filter_lines + eval_filter_lines:
@@ -104,14 +102,9 @@ log(batches.show_example(train_set[0], tokenizer))
 
 # 4. model: the base weights strictly, then LoRA wrappers if a phase trains a LoRA group
 model = checkpoint.load_model(model_dir, dtype=load_dtype, device=device)
+checkpoint.check_fits(model, tokenizer, model_dir, {"data.max_length": data_cfg["max_length"],
+                                                    "sample.max_new_tokens": sample_cfg["max_new_tokens"]})
 context = model.config.max_position_embeddings
-for key, value in (("data.max_length", data_cfg["max_length"]), ("sample.max_new_tokens", sample_cfg["max_new_tokens"])):
-    if value >= context:
-        raise config.ConfigError(f"`{key}`={value} does not fit the model's context ({context} positions in "
-                                 f"{model_dir}/config.json); lower it")
-if tokenizer.get_vocab_size() > model.config.vocab_size:
-    raise checkpoint.CheckpointError(f"{model_dir}/tokenizer.json has {tokenizer.get_vocab_size()} tokens but the "
-                                     f"model only {model.config.vocab_size} embeddings; it belongs to another model")
 if {"lora", "attn_lora"} & set(ever_trained):
     lora.inject_lora(model, lora_cfg["rank"], lora_cfg["alpha"], lora_cfg["dropout"],
                      targets=lora_cfg["targets"] if "lora" in ever_trained else [],
@@ -153,14 +146,6 @@ eval_batches = [batches.collate(eval_set[i:i + train_cfg["batch_size"]], pad_id)
                 for i in range(0, len(eval_set), train_cfg["batch_size"])]
 
 
-def batch_order(epoch):
-    """The global micro-batches of an epoch; under DDP, a last batch too small to give every rank a pair
-    is dropped (a rank with nothing to do could not join the gradient all-reduce)."""
-    order = batches.batch_order(lengths, train_cfg["batch_size"] * world, cfg["seed"], epoch,
-                                data_cfg["group_by_length"])
-    return [idx for idx in order if len(idx) >= world]
-
-
 def show_samples(title):
     prompts = [data.prompt_ids(tokenizer, p, data_cfg["template"]) for p in sample_cfg["prompts"]] or \
               [batches.prompt_of(ex) for ex in eval_set[:3]]
@@ -183,6 +168,14 @@ def run_eval():  # pairs are scored as ORPO scores them; an SFT run's total is i
     return {f"eval/{k}": v for k, v in metrics.items()}
 
 
+def check_finite(what):
+    """Stop before saving a non-finite weight, naming the last good checkpoint."""
+    bad = next((name for name, p in trained.items() if not torch.isfinite(p).all()), None)
+    if bad:
+        sys.exit(f"error: {bad} holds NaN or inf at step {it}; {what} not written. The last good checkpoint is "
+                 f"{last_saved}: resume from it with a lower training.learning_rate")
+
+
 def save_checkpoint(it):
     """A resumable checkpoint (only finite weights: state.py refuses others), then the oldest ones go."""
     folder = os.path.join(run_dir, f"step_{it:06d}")
@@ -201,10 +194,10 @@ it, epoch, position, skipped, bad_in_row, last_saved = 0, 0, 0, 0, 0, None
 if train_cfg["resume_from"]:
     meta = state.load(train_cfg["resume_from"], model, optimizer, names, fingerprint)
     it, epoch, position, skipped = meta["step"], meta["epoch"], meta["position"], meta["skipped"]
+    last_saved = train_cfg["resume_from"]
     if it >= train_cfg["max_steps"]:
         raise config.ConfigError(f"{train_cfg['resume_from']} is at step {it} and training.max_steps is "
                                  f"{train_cfg['max_steps']}: nothing to train; raise training.max_steps")
-    last_saved = train_cfg["resume_from"]
     for line in metrics_log.keep_up_to(it):
         log(line)
     log(f"[resume] {train_cfg['resume_from']}: continuing at step {it} of {train_cfg['max_steps']}")
@@ -218,20 +211,16 @@ if master and it == 0 and (eval_set or sample_cfg["prompts"]):
     show_samples("before training")
 if master and it == 0 and eval_set and train_cfg["eval_every"]:  # the starting point of the eval curves
     metrics_log.write({"step": 0, **run_eval()})
+def batch_order(epoch):  # the global micro-batches of an epoch (batches.py)
+    return batches.batch_order(lengths, train_cfg["batch_size"] * world, cfg["seed"], epoch,
+                               data_cfg["group_by_length"], ranks=world)
+
+
 order = batch_order(epoch)
 if not order:
     raise data.DataError(f"{len(train_set)} training examples cannot give each of {world} ranks a pair")
-stop = {"asked": False}  # Ctrl-C: finish the step, save, say how to resume
-
-
-def on_ctrl_c(signum, frame):
-    stop["asked"] = True
-    signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C stops at once
-    print("\n[interrupt] stopping after this step (Ctrl-C again to stop now)", file=sys.stderr, flush=True)
-
-
-signal.signal(signal.SIGINT, on_ctrl_c)
-sums, tokens, t0, t_start, start_it = {}, 0, time.time(), time.time(), it
+stop = runs.CtrlC()  # the first Ctrl-C asks the loop to finish its step, save, and say how to resume
+t_start, start_it = time.time(), it
 while it < train_cfg["max_steps"]:
     if lora.phase_at(train_cfg["phases"], it) != phase:  # a new phase: switch the trainable groups
         phase = lora.phase_at(train_cfg["phases"], it)
@@ -259,36 +248,25 @@ while it < train_cfg["max_steps"]:
         if bad_in_row >= train_cfg["max_bad_steps"]:
             sys.exit(f"[guard] {bad_in_row} non-finite steps in a row: stopping (last checkpoint: {last_saved}). "
                      "Lower training.learning_rate or check the data (README: Troubleshooting)")
-    else:
+    else:  # averaged over the steps since the last log line, with this rank's real (non-pad) tokens
         bad_in_row = 0
-        for k, v in {**metrics, "steps": 1}.items():  # averaged over the steps since the last log line
-            sums[k] = sums.get(k, 0.0) + v
-        tokens += sum(real_tokens[j] for idx in step_idx for j in idx[rank::world])  # this rank's real tokens
+        metrics_log.add(metrics, tokens=sum(real_tokens[j] for idx in step_idx for j in idx[rank::world]))
     last = it == train_cfg["max_steps"]
     do_eval = bool(eval_set) and (last or (train_cfg["eval_every"] and it % train_cfg["eval_every"] == 0))
-    if (it % train_cfg["log_every"] == 0 or last or do_eval) and sums:
-        n, dt = sums.pop("steps"), time.time() - t0
-        if ddp:  # every rank counted its own shard
-            tokens = int(step.all_reduce(torch.tensor(tokens, device=device)))
-        row = {"step": it, **{f"train/{k}": v / n for k, v in sums.items() if k != "skipped"},
-               "train/lr": lr, "train/tokens": tokens, "train/tokens_per_s": tokens / dt,
-               "train/skipped_steps": skipped}
+    if (it % train_cfg["log_every"] == 0 or last or do_eval) and metrics_log.pending:
+        row = metrics_log.averages(it, lr, skipped, step.all_reduce if ddp else None, device)
         if on_cuda:
             row["train/memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
         if master and do_eval:
             row.update(run_eval())
         metrics_log.write(row, eta=(time.time() - t_start) / (it - start_it) * (train_cfg["max_steps"] - it))
-        sums, tokens, t0 = {}, 0, time.time()
     metrics_log.progress(it, train_cfg["max_steps"], metrics, time.time() - t_start)
     if ddp:  # every rank stops at the same step
-        stop["asked"] = bool(step.all_reduce(torch.tensor(float(stop["asked"]), device=device)))
-    if train_cfg["save_every"] and (it % train_cfg["save_every"] == 0 or last) or stop["asked"] and it > start_it:
-        bad = [n for n, p in trained.items() if not torch.isfinite(p).all()]
-        if bad:
-            sys.exit(f"error: {bad[0]} holds non-finite values at step {it}; nothing was saved. The last good "
-                     f"checkpoint is {last_saved}: resume from it with a lower training.learning_rate")
+        stop.asked = bool(step.all_reduce(torch.tensor(float(stop.asked), device=device)))
+    if train_cfg["save_every"] and (it % train_cfg["save_every"] == 0 or last) or stop.asked and it > start_it:
+        check_finite("no checkpoint was")
         last_saved = save_checkpoint(it) if master else os.path.join(run_dir, f"step_{it:06d}")
-    if stop["asked"]:
+    if stop.asked:
         sys.exit(f"[interrupt] stopped at step {it}. Continue with:\n  {runs.resume_command(sys.argv, last_saved)}"
                  if last_saved else f"[interrupt] stopped at step {it}; nothing was saved")
 
@@ -296,9 +274,7 @@ while it < train_cfg["max_steps"]:
 if it == skipped:
     sys.exit(f"error: every one of the {it} steps was skipped (non-finite loss or gradients): no final/ written. "
              "Lower training.learning_rate or check the data")
-bad = [n for n, p in trained.items() if not torch.isfinite(p).all()]
-if bad:
-    sys.exit(f"error: {bad[0]} holds non-finite values; final/ was not written. Last good checkpoint: {last_saved}")
+check_finite("final/ was")
 if master:
     final, has_adapter = os.path.join(run_dir, "final"), bool(lora.lora_layers(model))
     with files.atomic_folder(final) as tmp:
@@ -307,8 +283,8 @@ if master:
             lora.merge_lora(model)
         checkpoint.write_model(model, tmp, tokenizer_from=model_dir, dtype=base_dtype)
         metrics_log.copy_to(tmp, config_path=os.path.join(run_dir, "config.yml"))
-    merged = " (LoRA merged; the adapter alone in final/adapter)" if has_adapter else ""
-    log(f"[save] {final}: the trained model{merged}; chain it with model_name={final}")
+    log(f"[save] {final}: the trained model{' (LoRA merged; the adapter alone in adapter/)' if has_adapter else ''}; "
+        f"chain it with model_name={final}")
 if ddp:
     dist.barrier()  # the other ranks wait for rank 0's final outputs before the group goes away
     dist.destroy_process_group()
@@ -320,4 +296,5 @@ if master:
             show_samples("after training")
         log(f"[plot] {plot.write_svg(metrics_log.path, os.path.join(run_dir, 'metrics.svg'))}")
     except Exception as e:  # noqa: BLE001 - any failure of an extra is reported, never lost silently
-        sys.exit(f"error: an optional step after training failed ({type(e).__name__}: {e}); final/ is complete and safe")
+        sys.exit(f"error: an optional step after training failed ({type(e).__name__}: {e}); "
+                 "final/ is complete and safe")

@@ -124,13 +124,14 @@ def example_length(example):
     return max(len(ids) for ids, _ in rows_of(example))
 
 
-def batch_order(lengths, batch_size, seed, epoch, group_by_length=True):
+def batch_order(lengths, batch_size, seed, epoch, group_by_length=True, ranks=1):
     """The batches of one epoch as lists of example indices (the last may be short); lengths[i] is
-    example_length of example i. The same (seed, epoch) gives the same batches."""
+    example_length of example i. The same (seed, epoch) gives the same batches. Under DDP a batch too
+    small to give each of the `ranks` a pair is dropped: a rank with nothing could not join the all-reduce."""
     rng = random.Random(f"batches-{seed}-{epoch}")
     order = rng.sample(range(len(lengths)), len(lengths))
     if not group_by_length:
-        return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+        return [order[i:i + batch_size] for i in range(0, len(order), batch_size) if len(order) - i >= ranks]
     batches, window = [], batch_size * GROUP_WINDOW
     for start in range(0, len(order), window):
         by_length = sorted(order[start:start + window], key=lambda i: lengths[i], reverse=True)
@@ -138,7 +139,7 @@ def batch_order(lengths, batch_size, seed, epoch, group_by_length=True):
     rng.shuffle(batches)
     if batches:  # the batch with the longest example first (each batch lists its longest example first)
         batches.insert(0, batches.pop(max(range(len(batches)), key=lambda b: lengths[batches[b][0]])))
-    return batches
+    return [batch for batch in batches if len(batch) >= ranks]
 
 
 def collate(examples, pad_id):

@@ -292,3 +292,15 @@ def write_model(model, folder, tokenizer_from=None, dtype=None):
     save_config_json(cfg, folder, dtype)
     for name, real in copies:
         shutil.copyfile(real, os.path.join(folder, name))
+
+
+def check_fits(model, tokenizer, folder, lengths):
+    """Refuse lengths ({key: tokens}) beyond the model's context, and a tokenizer bigger than its embeddings."""
+    context = model.config.max_position_embeddings
+    for key, value in lengths.items():
+        if value >= context:
+            raise CheckpointError(f"`{key}`={value} does not fit the model's context ({context} positions in "
+                                  f"{folder}/config.json); lower it")
+    if tokenizer.get_vocab_size() > model.config.vocab_size:
+        raise CheckpointError(f"{folder}/tokenizer.json has {tokenizer.get_vocab_size()} tokens but the model only "
+                              f"{model.config.vocab_size} embeddings; it belongs to another model")

@@ -20,7 +20,11 @@ import json
 import os
 import re
 import shutil
+import signal
 import sys
+import time
+
+import torch
 
 from minorpo.files import UserError, atomic_write
 
@@ -123,6 +127,22 @@ class MetricsLog:
 
     def __init__(self, path, objective, enabled=True):
         self.path, self.objective, self.enabled, self.shown = path, objective, enabled, 0.0
+        self.sums, self.tokens, self.pending, self.since = {}, 0, 0, time.time()
+
+    def add(self, metrics, tokens):
+        """Sum one step's metrics and real tokens until the next log line."""
+        for key, value in metrics.items():
+            self.sums[key] = self.sums.get(key, 0.0) + value
+        self.tokens, self.pending = self.tokens + tokens, self.pending + 1
+
+    def averages(self, step, lr, skipped, all_reduce=None, device="cpu"):
+        """The row of a log line: the steps' mean metrics and tokens per second (summed over ranks)."""
+        tokens = int(all_reduce(torch.tensor(self.tokens, device=device))) if all_reduce else self.tokens
+        row = {"step": step, **{f"train/{k}": v / self.pending for k, v in self.sums.items() if k != "skipped"},
+               "train/lr": lr, "train/tokens": tokens, "train/tokens_per_s": tokens / (time.time() - self.since),
+               "train/skipped_steps": skipped}
+        self.sums, self.tokens, self.pending, self.since = {}, 0, 0, time.time()
+        return row
 
     def keep_up_to(self, step):
         """On resume: keep the rows up to the checkpoint's step; a line cut by a crash is dropped."""
@@ -177,6 +197,19 @@ class MetricsLog:
         for path in (self.path, config_path):
             if os.path.isfile(path):
                 shutil.copyfile(path, os.path.join(folder, os.path.basename(path)))
+
+
+class CtrlC:
+    """The first Ctrl-C sets `asked`, so the loop can finish its step and save; a second one stops at once."""
+
+    def __init__(self):
+        self.asked = False
+        signal.signal(signal.SIGINT, self.ask)
+
+    def ask(self, signum, frame):
+        self.asked = True
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        print("\n[interrupt] stopping after this step (Ctrl-C again to stop now)", file=sys.stderr, flush=True)
 
 
 def resume_command(argv, folder):
