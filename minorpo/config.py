@@ -3,15 +3,13 @@
     python train.py presets/orpo.yml training.orpo_lambda=0.2 data.path=pairs.jsonl
 
 Decisions:
-- DEFAULTS is the schema: a key's type is its default's type, CHOICES lists the words a key accepts and
-  RANGES the interval of each number. presets/orpo.yml lists every key with a comment (`--help` prints them).
-  An unknown key is an error with a "did you mean", because a silently ignored typo costs a whole run.
-- A preset can come from someone else, so it is read strictly: at most 1 MB, UTF-8, no duplicate keys
-  (the later one would silently win), no anchors or aliases (a few nested aliases expand to gigabytes).
-- Booleans are only true and false. YAML 1.1 also reads on/off/yes/no/y/n as booleans, so
-  `compile: on` would arrive as True; here they stay words. `1e-4` is a number (YAML 1.1 wants `1.0e-4`).
-- Every number must be finite and inside its range before anything runs: `learning_rate=inf` would
-  otherwise train for an hour and save NaN weights.
+- DEFAULTS is the schema: a key's type is its default's type; CHOICES and RANGES hold the allowed words
+  and intervals. An unknown key gets a "did you mean": a silently ignored typo costs a whole run.
+- A preset may come from someone else, so it is read strictly: at most 1 MB of UTF-8, no duplicate keys
+  (the later would silently win), no anchors or aliases (a few nested aliases expand to gigabytes).
+- Booleans are only true and false: YAML 1.1 would turn `compile: on` into True. `1e-4` is a number.
+- Every number must be finite and in range before anything runs: `learning_rate=inf` would train for an
+  hour and save NaN weights.
 """
 import copy
 import difflib
@@ -176,11 +174,11 @@ def validate(cfg, where):
         raise ConfigError(f"{where}: `run_name` must be a plain folder name (letters, digits, . _ + -), "
                           f"got {cfg['run_name']!r}")
     phases = train["phases"]
-    def good(phase):
-        return (isinstance(phase, dict) and set(phase) == {"step", "trainable"} and type(phase["step"]) is int
-                and isinstance(phase["trainable"], list) and phase["trainable"] and set(phase["trainable"]) <= set(GROUPS))
-    steps = [phase.get("step") if isinstance(phase, dict) else None for phase in phases]
-    if not (phases and all(good(phase) for phase in phases) and steps[0] == 0 and steps == sorted(set(steps))):
+    good = all(isinstance(p, dict) and sorted(p) == ["step", "trainable"] and type(p["step"]) is int
+               and isinstance(p["trainable"], list) and p["trainable"] and all(g in GROUPS for g in p["trainable"])
+               for p in phases)
+    steps = [p["step"] for p in phases] if good else []
+    if not (steps and steps[0] == 0 and steps == sorted(set(steps))):  # from 0, strictly increasing
         raise ConfigError(f"{where}: `training.phases` must be a list like [{{step: 0, trainable: [lora]}}] with steps "
                           f"from 0 upwards and groups from {', '.join(GROUPS)}; got {phases!r}")
     return cfg
