@@ -5,18 +5,14 @@
     examples, report = make_examples(rows, tokenizer, "prompted_preference", source="pairs.jsonl")
     # {"chosen_input_ids", "chosen_labels", "rejected_input_ids", "rejected_labels"}, sft {"input_ids", "labels"}
 
-References: ORPO, Hong, Lee, Thorne 2024 (arXiv:2403.07691), for the masks and the filtered pairs;
-Qwen's ChatML template; nanochat, which builds ids and labels together, one segment at a time.
-
-Decisions:
-- The prompt and each response are tokenized as separate segments, so the boundary is exact and the
-  prompt ids are those generation sees; a response ends with `<|im_end|>` (chatml) or `<|endoftext|>`
-  (raw), lost when it is cut, so the model never learns to stop at a cut. No BOS token. The template's
-  special tokens are inserted by id and the data's text is encoded with special-token text as plain
-  characters, so a `<|im_end|>` typed in a row can never end a turn or forge one.
-- Rows left with no label tokens by truncation (batches.truncate), empty responses, and chosen equal to
-  rejected (as text, or as tokens after truncation) are dropped and reported with their line numbers:
-  a mean over zero tokens is 0/0 = NaN; the odds ratio of identical answers is noise.
+Decisions (ids and labels built together, one segment at a time, as nanochat does):
+- The prompt and each response are separate segments, so the boundary is exact and the prompt ids are
+  those generation sees; a response ends with `<|im_end|>` (chatml) or `<|endoftext|>` (raw), lost when
+  cut, so the model never learns to stop at a cut. No BOS. Template tokens are inserted by id and data
+  text encodes special-token text as plain characters: a `<|im_end|>` in a row cannot forge a turn.
+- Rows left with no label tokens by truncation, empty responses, and chosen equal to rejected (as text,
+  or as tokens after truncation) are dropped and reported with their line numbers: a mean over zero
+  tokens is 0/0 = NaN; the odds ratio of identical answers is noise.
 - Memory and time follow max_length, not the file: a line over max(1 MiB, 64 bytes x max_length) is
   skipped unread and reported; strings are cut to CHARS_PER_TOKEN x max_length characters before
   tokenizing. A malformed line is one line of error: `file:line`, the problem, the layout expected.
@@ -27,6 +23,8 @@ Decisions:
 import json
 import os
 import re
+import sys
+import time
 
 from tokenizers import Tokenizer
 
@@ -212,11 +210,17 @@ def _prompt_pieces(messages, template, ids, train_assistant, where):
 
 def _tokenize(rendered, tokenizer):
     """[(prompt pieces, [answer pieces])] -> [((ids, labels), [(ids, labels)])]. Every distinct text is
-    encoded once, in one encode_batch call (parallel, in Rust); ids and labels are built together."""
+    encoded once, by encode_batch (parallel, in Rust), 20,000 at a time to show progress on a big file."""
     texts = list(dict.fromkeys(piece for prompt, answers in rendered for segment in (prompt, *answers)
                                for piece, _ in segment if isinstance(piece, str)))
     tokenizer.encode_special_tokens = True  # data text never becomes a control token (set for good)
-    encoded = {t: e.ids for t, e in zip(texts, tokenizer.encode_batch(texts, add_special_tokens=False))}
+    encoded, shown = {}, time.time()
+    for start in range(0, len(texts), 20000):
+        chunk = texts[start:start + 20000]
+        encoded.update(zip(chunk, (e.ids for e in tokenizer.encode_batch(chunk, add_special_tokens=False))))
+        if time.time() - shown > 5:
+            print(f"[data] tokenized {start + len(chunk):,} of {len(texts):,} texts", file=sys.stderr, flush=True)
+            shown = time.time()
     def ids_and_labels(pieces):
         ids, labels = [], []
         for piece, trained in pieces:
