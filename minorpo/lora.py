@@ -58,11 +58,6 @@ class LoRALinear(nn.Module):
             a, b = a.to(x.dtype), b.to(x.dtype)
         return base + F.linear(F.linear(self.dropout(x), a), b) * self.scaling
 
-    def merged_weight(self):
-        """W0 + (alpha/r)·B·A, computed in fp32 and cast back to W0's dtype."""
-        delta = self.lora_B.float() @ self.lora_A.float() * self.scaling
-        return (self.weight.float() + delta).to(self.weight.dtype)
-
     def extra_repr(self):
         return f"{self.in_features}, {self.out_features}, rank={self.rank}, alpha={self.alpha}, group={self.group}"
 
@@ -134,18 +129,20 @@ def group_parameters(model, group):
     return {n: p for n, p in params.items() if re.search(r"norm\.weight$", n)}  # norm
 
 
+def trained_parameters(model, groups):
+    """{name: Parameter} of every parameter one of `groups` covers, in model order, each once."""
+    ids = {id(p) for g in groups for p in group_parameters(model, g).values()}
+    return {n: p for n, p in model.named_parameters() if id(p) in ids}
+
+
 def set_trainable(model, groups):
     """Train exactly the parameters of `groups`; freeze every other one. Returns (trainable, total) counts."""
-    chosen = {}
-    for g in groups:
-        chosen.update(group_parameters(model, g))
     if any(g in ("lora", "attn_lora") for g in groups) and not lora_layers(model):
         raise ValueError("a phase trains `lora`/`attn_lora` but the model has no LoRA layers")
-    ids = {id(p) for p in chosen.values()}
-    for p in model.parameters():
-        p.requires_grad_(id(p) in ids)
-    total = sum(p.numel() for p in model.parameters())
-    return sum(p.numel() for p in model.parameters() if p.requires_grad), total
+    trained = trained_parameters(model, groups)
+    for name, p in model.named_parameters():
+        p.requires_grad_(name in trained)
+    return sum(p.numel() for p in trained.values()), sum(p.numel() for p in model.parameters())
 
 
 def phase_at(phases, step):
@@ -159,17 +156,11 @@ def merge_lora(model):
     for name, m in lora_layers(model).items():
         linear = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None,
                            device=m.weight.device, dtype=m.weight.dtype)
-        linear.weight.copy_(m.merged_weight())
+        linear.weight.copy_(m.weight.float() + m.lora_B.float() @ m.lora_A.float() * m.scaling)  # in fp32
         if m.bias is not None:
             linear.bias.copy_(m.bias)
         _replace(model, name, linear)
     return model
-
-
-def adapter_state(model):
-    """LoRA tensors under PEFT's key names: base_model.model.<module>.lora_A.weight."""
-    return {f"{PEFT_PREFIX}{n}.lora_{x}.weight": getattr(m, f"lora_{x}").detach().float().contiguous()
-            for n, m in lora_layers(model).items() for x in ("A", "B")}
 
 
 def save_adapter(model, folder, base_model_name):
@@ -192,20 +183,16 @@ def save_adapter(model, folder, base_model_name):
     os.makedirs(folder, exist_ok=True)
     with open(os.path.join(folder, "adapter_config.json"), "w") as f:
         json.dump(config, f, indent=2)
-    save_safetensors(adapter_state(model), os.path.join(folder, "adapter_model.safetensors"))
+    tensors = {f"{PEFT_PREFIX}{n}.lora_{x}.weight": getattr(m, f"lora_{x}").float()  # PEFT's key names
+               for n, m in layers.items() for x in ("A", "B")}
+    save_safetensors(tensors, os.path.join(folder, "adapter_model.safetensors"))
 
 
 def fp32_trained_parameters(model, groups):
     """Every parameter that one of `groups` trains, {name: Parameter} in model order, CAST TO FP32 in place:
     on CUDA the frozen weights stay bf16, while trained ones become the fp32 master weights that AdamW
     updates (bf16 autocast still runs their matmuls in bf16). A no-op on the CPU, where all is fp32."""
-    chosen = {}
-    for g in groups:
-        chosen.update(group_parameters(model, g))
-    ids = {id(p) for p in chosen.values()}
-    params = {n: p for n, p in model.named_parameters() if id(p) in ids}
+    params = trained_parameters(model, groups)
     for p in params.values():
         p.data = p.data.float()
     return params
-
-
