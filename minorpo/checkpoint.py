@@ -11,14 +11,12 @@ A sharded checkpoint's model.safetensors.index.json maps tensor names to shard f
 
 Decisions:
 - Never torch.load or pickle: a checkpoint is data, and reading safetensors cannot run code.
-- A model folder can come from anyone, so all of it is checked before memory is allocated: each file
-  read lies inside the folder (inside models--org--name for a Hub snapshot), shard names are plain file
-  names, config.json fields have their type and a sane range, and the safetensors headers (floating
-  dtypes, each tensor in one shard, every shape) agree with config.json. Errors name the file and field.
-- Loading is strict: exactly the tensors config.json implies, with their shapes (a tied model stores no
-  lm_head.weight; a stored copy is ignored, as transformers does); a silently missing one would leave
-  random weights. The model is built on "meta", then each tensor is cast to the dtype and device and
-  assigned: no random initialisation, no fp32 copy of a bf16 checkpoint.
+- A model folder can come from anyone, so all of it is checked before memory is allocated: files lie
+  inside the folder (models--org--name for a Hub snapshot), config.json fields have their type and range,
+  and the safetensors headers agree with config.json. Errors name the file and field.
+- Loading is strict: exactly the tensors config.json implies, with their shapes; a silently missing one
+  would leave random weights. The model is built on "meta" and each tensor assigned in the target dtype
+  and device: no random initialisation, no fp32 copy of a bf16 checkpoint.
 - config.json's model_type picks the model class (MODELS). Qwen3.5 ships as a vision-language checkpoint
   (qwen3_5): the text model's config is its text_config, its weights model.language_model.*, beside
   model.visual.* and mtp.* (vision encoder, multi-token prediction), which minorpo skips. It is saved
@@ -128,8 +126,7 @@ def check_fields(path, config_class, fields):
 
 
 def load_model_config(folder):
-    """The ModelConfig (or Qwen35Config) in folder/config.json, in the transformers 4 or 5 spelling;
-    every field checked for type and range before anything is built from it."""
+    """The ModelConfig (or Qwen35Config) in folder/config.json, in the transformers 4 or 5 spelling."""
     path = model_file(folder, CONFIG, "config.json")
     raw = read_json(path, FIX)
     if raw.get("model_type") in VISION_LANGUAGE:  # the language model's config, with the top-level tie
@@ -148,12 +145,10 @@ def load_model_config(folder):
     if raw.get("hidden_act", "silu") != "silu":
         raise CheckpointError(f"{path}: hidden_act {raw['hidden_act']!r:.50} is not supported; Qwen uses silu")
     config_class = MODELS[raw["model_type"]][0]
-    names = {f.name for f in dataclasses.fields(config_class)}
-    fields = {name: raw[name] for name in names if name in raw}
+    moved = ("rope_theta", "partial_rotary_factor")  # in rope_parameters since transformers 5
+    raw.update({name: value for name, value in rope.items() if name in moved and value is not None})
+    fields = {f.name: raw[f.name] for f in dataclasses.fields(config_class) if f.name in raw}
     fields["num_key_value_heads"] = raw.get("num_key_value_heads") or raw.get("num_attention_heads")
-    for name in ("rope_theta", "partial_rotary_factor"):  # in rope_parameters since transformers 5
-        if name in names and rope.get(name, raw.get(name)) is not None:
-            fields[name] = rope.get(name, raw.get(name))
     if fields.get("head_dim") is None:
         fields.pop("head_dim", None)
     if raw["model_type"] == "qwen2":
@@ -173,16 +168,17 @@ def weight_files(folder):
     """The real paths of the safetensors files in folder: model.safetensors, or the shards its index lists."""
     if os.path.lexists(os.path.join(folder, INDEX)):
         index = model_file(folder, INDEX, "shard index")
-        shards = read_json(index, FIX).get("weight_map")
-        if not isinstance(shards, dict) or not all(isinstance(shard, str) for shard in shards.values()):
+        weight_map = read_json(index, FIX).get("weight_map")
+        if not isinstance(weight_map, dict) or not all(isinstance(shard, str) for shard in weight_map.values()):
             raise CheckpointError(f'{index}: not a valid index; it maps tensor names to shard files under "weight_map"')
-        for shard in sorted(set(shards.values())):
+        shards = sorted(set(weight_map.values()))
+        for shard in shards:
             if shard in ("", ".", "..") or "/" in shard or "\\" in shard:
                 raise CheckpointError(f"{index}: shard {shard!r:.100} is not a plain file name; a shard lies "
                                       "next to the index, and nothing outside the model folder is read")
             if not os.path.lexists(os.path.join(folder, shard)):
                 raise CheckpointError(f"{index}: shard {shard} is missing; {FIX}")
-        return [model_file(folder, shard, "shard") for shard in sorted(set(shards.values()))]
+        return [model_file(folder, shard, "shard") for shard in shards]
     if os.path.lexists(os.path.join(folder, WEIGHTS)):
         return [model_file(folder, WEIGHTS, "weights file")]
     pickled = [n for n in ("pytorch_model.bin", "pytorch_model.bin.index.json") if os.path.exists(os.path.join(folder, n))]
@@ -224,8 +220,7 @@ def model_key(name, cfg):
 
 
 def load_model(folder_or_name, dtype=torch.float32, device="cpu"):
-    """A Qwen or Qwen35 model with the weights of a checkpoint folder or a cached Hub id, in dtype on device.
-    config.json and every safetensors header are checked against each other before any tensor is read."""
+    """A Qwen or Qwen35 model with the weights of a checkpoint folder or a cached Hub id, in dtype on device."""
     folder = resolve(folder_or_name)
     cfg = load_model_config(folder)
     headers = {path: safetensors_header(path, FIX) for path in weight_files(folder)}
@@ -260,26 +255,10 @@ def load_model(folder_or_name, dtype=torch.float32, device="cpu"):
     return model.to(device=device, dtype=dtype)  # moves the RoPE tables, built in fp32 on the CPU
 
 
-def save_config_json(cfg, folder, dtype=torch.bfloat16):
-    """Write folder/config.json for cfg, readable by minorpo and by transformers 4 and 5."""
-    raw = {"architectures": [MODELS[cfg.model_type][2]], **dataclasses.asdict(cfg), "hidden_act": "silu",
-           "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
-           "torch_dtype": DTYPE_NAMES[dtype], "dtype": DTYPE_NAMES[dtype],
-           "use_sliding_window": False, "attention_dropout": 0.0, "use_cache": True}
-    if cfg.model_type == "qwen2":
-        del raw["attention_bias"]  # not a Qwen2 key
-    if cfg.model_type == "qwen3_5_text":  # no sliding window; RoPE turns part of each head
-        del raw["use_sliding_window"]
-        raw["rope_parameters"]["partial_rotary_factor"] = cfg.partial_rotary_factor
-    raw = {key: value for key, value in raw.items() if value is not None}
-    with open(os.path.join(folder, CONFIG), "w") as f:
-        json.dump(raw, f, indent=2, sort_keys=True)
-
-
 def write_model(model, folder, tokenizer_from=None, dtype=None):
-    """Write model as a Hugging Face checkpoint (config.json, model.safetensors) into an existing folder,
-    in dtype (default: the model's), with copies (contents, never links) of the tokenizer files of the
-    checkpoint folder tokenizer_from. Write into files.atomic_folder(...)'s temporary folder."""
+    """Write model as a Hugging Face checkpoint (config.json, model.safetensors) into an existing folder, in
+    dtype (default: the model's), with copies (contents, never links) of tokenizer_from's tokenizer files.
+    Write into files.atomic_folder(...)'s temporary folder. config.json is readable by transformers 4 and 5."""
     cfg = model.config
     dtype = dtype or model.model.embed_tokens.weight.dtype
     state = {name: t.detach().to("cpu", dtype).contiguous() for name, t in model.state_dict().items()}
@@ -289,7 +268,17 @@ def write_model(model, folder, tokenizer_from=None, dtype=None):
                   hint="merge LoRA adapters into the base weights before saving a checkpoint")
     copies = tokenizer_files(tokenizer_from) if tokenizer_from else []
     save_safetensors(state, os.path.join(folder, WEIGHTS), metadata={"format": "pt"})  # transformers wants it
-    save_config_json(cfg, folder, dtype)
+    raw = {"architectures": [MODELS[cfg.model_type][2]], **dataclasses.asdict(cfg), "hidden_act": "silu",
+           "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
+           "torch_dtype": DTYPE_NAMES[dtype], "dtype": DTYPE_NAMES[dtype],
+           "use_sliding_window": False, "attention_dropout": 0.0, "use_cache": True}
+    if cfg.model_type == "qwen2":
+        del raw["attention_bias"]  # not a Qwen2 key
+    if cfg.model_type == "qwen3_5_text":  # no sliding window; RoPE turns part of each head
+        del raw["use_sliding_window"]
+        raw["rope_parameters"]["partial_rotary_factor"] = cfg.partial_rotary_factor
+    with open(os.path.join(folder, CONFIG), "w") as f:
+        json.dump({key: value for key, value in raw.items() if value is not None}, f, indent=2, sort_keys=True)
     for name, real in copies:
         shutil.copyfile(real, os.path.join(folder, name))
 
