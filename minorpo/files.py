@@ -5,9 +5,8 @@
     atomic_write("outputs/run/config.yml", text)
 
 Decisions:
-- A file or folder is written under a temporary sibling name and renamed into place when complete
-  (a rename within one file system is atomic), so a reader sees the old version or the new one, never
-  a partial one. A crash while writing leaves only a temporary name behind.
+- A file or folder is written under a temporary sibling name and renamed into place when complete (a rename
+  is atomic): a reader sees the old or the new version, never a partial one; a crash leaves a temporary name.
 - safetensors (github.com/huggingface/safetensors) is an 8-byte little-endian header length, a JSON
   header {name: {dtype, shape, data_offsets}}, then the tensors' raw bytes. It is written here because
   safetensors.torch.save_file imports NumPy, which minorpo does not depend on. Reading checks the whole
@@ -33,8 +32,7 @@ class UserError(ValueError):
 
 def file_inside(folder, name, what="file"):
     """The real path of folder/name if, after resolving symlinks, it is a regular file inside the real
-    folder; anything else (a link out of the folder, a device, a directory) is refused. A model folder
-    or a checkpoint can come from someone else: nothing it names may make minorpo read elsewhere."""
+    folder; anything else (a link out of the folder, a device, a directory) is refused."""
     root = os.path.realpath(folder)
     real = os.path.realpath(os.path.join(folder, name))
     if os.path.commonpath([root, real]) != root:
@@ -71,10 +69,9 @@ def read_json(path, fix):
 
 
 def safetensors_header(path, fix):
-    """{name: shape} of a safetensors file, without reading tensor data. The safetensors library checks
-    the header (length within the file and under 100 MB, JSON, each tensor's bytes inside the data section
-    and matching its shape); here every dtype must be F32, BF16 or F16: integer and bool tensors are
-    refused, never cast. Every problem is a UserError naming the file and ending with `fix`."""
+    """{name: shape} of a safetensors file, without reading tensor data. The safetensors library checks sizes
+    and offsets; here every dtype must be F32, BF16 or F16: integer and bool tensors are refused, never cast.
+    Every problem is a UserError naming the file and ending with `fix`."""
     try:
         with safe_open(path, framework="pt") as f:
             header = {name: (f.get_slice(name).get_dtype(), f.get_slice(name).get_shape()) for name in f.keys()}
@@ -99,9 +96,8 @@ def read_tensors(path, names, dtype=None, device="cpu"):
 @contextlib.contextmanager
 def atomic_folder(path):
     """Yield a temporary sibling folder to write into; on success it replaces `path`, on error it is removed.
-
-    The replacement is two renames (the old folder aside, the new one in), so the old checkpoint stays
-    complete until the new one is; a crash between them leaves it as a .old folder next to `path`."""
+    Two renames (the old folder aside, the new one in) keep the old checkpoint complete until the new one
+    is; a crash between them leaves it as a .old folder next to `path`."""
     path = os.path.abspath(path)
     stem = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{uuid.uuid4().hex[:8]}")
     os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -133,14 +129,13 @@ def atomic_write(path, text):
 
 
 def save_safetensors(tensors, path, metadata=None):
-    """Write {name: tensor} to a .safetensors file: an 8-byte little-endian header length, a JSON header
-    {name: {dtype, shape, data_offsets}}, then every tensor's raw little-endian bytes back to back.
-    A floating tensor with a NaN or inf is refused (NonFiniteError) before the file is opened."""
+    """Write {name: tensor} to a .safetensors file. A floating tensor with a NaN or inf is refused
+    (NonFiniteError) before the file is opened."""
     tensors = {name: t.detach().cpu().contiguous() for name, t in tensors.items()}
     for name, t in tensors.items():
         if t.is_floating_point() and not torch.isfinite(t).all():
-            raise NonFiniteError(f"{os.path.basename(path)}: not saved, tensor {name} holds NaN or inf (the "
-                                 "training diverged); lower training.learning_rate or resume from an earlier checkpoint")
+            raise NonFiniteError(f"{os.path.basename(path)}: not saved, tensor {name} holds NaN or inf (the training "
+                                 "diverged); lower training.learning_rate or resume from an earlier checkpoint")
     header, offset = {"__metadata__": metadata or {}}, 0
     for name, t in tensors.items():
         nbytes = t.numel() * t.element_size()
