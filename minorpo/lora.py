@@ -40,9 +40,8 @@ class LoRALinear(nn.Module):
         super().__init__()
         self.in_features, self.out_features = base.in_features, base.out_features
         self.weight, self.bias = base.weight, base.bias  # the base layer's own Parameters: keys unchanged
-        self.weight.requires_grad_(False)
-        if self.bias is not None:
-            self.bias.requires_grad_(False)
+        for p in base.parameters():
+            p.requires_grad_(False)
         self.rank, self.alpha, self.scaling, self.group = rank, alpha, alpha / rank, group
         where = dict(device=base.weight.device, dtype=torch.float32)  # fp32 even on a bf16 base
         self.lora_A = nn.Parameter(torch.empty(rank, self.in_features, **where))   # (r, in)
@@ -77,12 +76,12 @@ def _replace(model, name, new):
 
 
 def inject_lora(model, rank, alpha, dropout=0.0, targets=(), attn_targets=(), start_layer=0, num_layers=0):
-    """Replace the nn.Linear layers whose last name part is in targets (FFN) or attn_targets (attention)
-    by LoRALinear, in layers start_layer .. start_layer+num_layers-1 (num_layers=0: all).
-    Returns the wrapped module names. A keyword that matches nothing, a keyword in the wrong list, or a
-    rank outside 1 .. the narrowest targeted width is a UserError that names it, raised before allocating."""
+    """Replace the nn.Linear layers whose last name part is in targets (FFN) or attn_targets (attention) by
+    LoRALinear, in layers start_layer .. start_layer+num_layers-1 (num_layers=0: all); return their names.
+    A target that matches nothing or is in the wrong list, or a rank out of range, is a UserError naming it."""
     wanted = {target: "lora" for target in targets} | {target: "attn_lora" for target in attn_targets}
     linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    end = start_layer + num_layers if num_layers else math.inf
     chosen = {}
     for name, module in linears.items():
         target, i = name.rsplit(".", 1)[-1], _layer_index(name)
@@ -90,11 +89,11 @@ def inject_lora(model, rank, alpha, dropout=0.0, targets=(), attn_targets=(), st
             attention = _group_of(name) == "attn_lora"
             kind, where = ("an attention", "lora.attn_targets") if attention else ("an FFN", "lora.targets")
             raise UserError(f"LoRA target `{target}` ({name}) is {kind} projection: list it under {where}")
-        if target in wanted and i is not None and start_layer <= i and not (num_layers and i >= start_layer + num_layers):
+        if target in wanted and i is not None and start_layer <= i < end:
             chosen[name] = module
-    missing = sorted(set(wanted) - {n.rsplit(".", 1)[-1] for n in linears})
+    names = sorted({n.rsplit(".", 1)[-1] for n in linears})
+    missing = sorted(set(wanted) - set(names))
     if missing:
-        names = sorted({n.rsplit(".", 1)[-1] for n in linears})
         raise UserError(f"LoRA target(s) {missing} match no linear layer; the model's are: {', '.join(names)}")
     if not chosen:
         raise UserError(f"no layer in lora.start_layer={start_layer}, lora.num_layers={num_layers}")
