@@ -5,10 +5,6 @@
     with atomic_folder("outputs/run/final") as tmp:
         write_model(model, tmp, tokenizer_from=folder)
 
-A sharded checkpoint's model.safetensors.index.json maps tensor names to shard files ({"weight_map":
-{name: file}}); the Hugging Face cache keeps a Hub repo in hub/models--{org}--{name}/, the commit of
-`main` in refs/main, the files in snapshots/{commit}/ as links into blobs/.
-
 Decisions:
 - Never torch.load or pickle: a checkpoint is data, and reading safetensors cannot run code.
 - A model folder can come from anyone, so all of it is checked before memory is allocated: files lie
@@ -17,13 +13,12 @@ Decisions:
 - Loading is strict: exactly the tensors config.json implies, with their shapes; a silently missing one
   would leave random weights. The model is built on "meta" and each tensor assigned in the target dtype
   and device: no random initialisation, no fp32 copy of a bf16 checkpoint.
-- config.json's model_type picks the model class (MODELS). Qwen3.5 ships as a vision-language checkpoint
-  (qwen3_5): the text model's config is its text_config, its weights model.language_model.*, beside
-  model.visual.* and mtp.* (vision encoder, multi-token prediction), which minorpo skips. It is saved
-  text-only (qwen3_5_text, keys model.*), as transformers' Qwen3_5ForCausalLM saves it.
+- Qwen3.5 ships as a vision-language checkpoint (qwen3_5): the text model's config is its text_config, its
+  weights model.language_model.*, beside model.visual.* and mtp.* (vision encoder, multi-token prediction),
+  which minorpo skips. It is saved text-only (qwen3_5_text, keys model.*), as Qwen3_5ForCausalLM saves it.
 - config.json is read in the transformers 4 (`rope_theta`, `torch_dtype`) and 5 (`rope_parameters.
-  rope_theta`, `dtype`) spellings, and written with both. No huggingface_hub: a Hub id is looked up
-  in the local cache only, and the error says how to download it.
+  rope_theta`, `dtype`) spellings, and written with both. No huggingface_hub: a Hub id is looked up in
+  the local cache only (hub/models--{org}--{name}/snapshots/{commit}/, links into ../../blobs/).
 """
 import dataclasses
 import json
@@ -256,9 +251,8 @@ def load_model(folder_or_name, dtype=torch.float32, device="cpu"):
 
 
 def write_model(model, folder, tokenizer_from=None, dtype=None):
-    """Write model as a Hugging Face checkpoint (config.json, model.safetensors) into an existing folder, in
-    dtype (default: the model's), with copies (contents, never links) of tokenizer_from's tokenizer files.
-    Write into files.atomic_folder(...)'s temporary folder. config.json is readable by transformers 4 and 5."""
+    """Write model in dtype (default: the model's) as a Hugging Face checkpoint into an existing folder (an
+    atomic_folder's), with copies (contents, never links) of the tokenizer files of folder tokenizer_from."""
     cfg = model.config
     dtype = dtype or model.model.embed_tokens.weight.dtype
     state = {name: t.detach().to("cpu", dtype).contiguous() for name, t in model.state_dict().items()}
