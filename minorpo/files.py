@@ -96,8 +96,7 @@ def read_tensors(path, names, dtype=None, device="cpu"):
 @contextlib.contextmanager
 def atomic_folder(path):
     """Yield a temporary sibling folder to write into; on success it replaces `path`, on error it is removed.
-    Two renames (the old folder aside, the new one in) keep the old checkpoint complete until the new one
-    is; a crash between them leaves it as a .old folder next to `path`."""
+    The old folder is renamed aside, not deleted, until the new one is in: a crash leaves it as a .old folder."""
     path = os.path.abspath(path)
     stem = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{uuid.uuid4().hex[:8]}")
     os.makedirs(os.path.dirname(path), exist_ok=True)

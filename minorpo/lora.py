@@ -5,9 +5,8 @@ update:    h = W0·x + (alpha / r) · B·A·x,    A: (r, in), B: (out, r).
 A starts kaiming-uniform and B at zero, so B·A = 0 and the wrapped model starts identical to the base.
 
 Decisions:
-- The base weights are loaded strictly first, then wrapped (no key-renaming load hooks). LoRALinear
-  keeps the base layer's own `weight` and `bias` Parameters, so the base keys stay unchanged
-  (`...q_proj.weight`) and only `...q_proj.lora_A` / `lora_B` are added.
+- The base weights are loaded strictly first, then wrapped: LoRALinear keeps the base layer's own `weight`
+  and `bias`, so the base keys stay unchanged and only `...q_proj.lora_A` / `lora_B` are added.
 - Groups: `lora` = LoRA on the FFN projections (lora.targets), `attn_lora` = LoRA on the token-mixer
   projections (lora.attn_targets), `embed`, `norm`, `head`, and `all` (full fine-tuning). A LoRA layer's
   group is where it sits (inside `self_attn` or `linear_attn`, or not): Qwen3.5's linear-attention
@@ -111,7 +110,7 @@ def lora_layers(model):
 
 
 def group_parameters(model, group):
-    """The named parameters that a trainable group covers: {name: Parameter}."""
+    """{name: Parameter} of the parameters a trainable group covers."""
     if group not in GROUPS:
         raise ValueError(f"unknown trainable group `{group}`; valid: {', '.join(GROUPS)}")
     params = dict(model.named_parameters())
@@ -163,22 +162,19 @@ def merge_lora(model):
 
 
 def save_adapter(model, folder, base_model_name):
-    """Write adapter_config.json + adapter_model.safetensors (PEFT's layout) into `folder`.
-    base_model_name: the base model folder actually used (the resolved checkpoint folder, never `tiny`),
-    written as base_model_name_or_path, from which PEFT loads the base the adapter belongs to."""
+    """Write adapter_config.json + adapter_model.safetensors (PEFT's layout) into `folder`. base_model_name, the
+    base checkpoint folder actually used (never `tiny`), is where PEFT will load the base model from."""
     layers = lora_layers(model)
     if not layers:
         raise ValueError("save_adapter: the model has no LoRA layers")
     first = next(iter(layers.values()))
     indices = sorted({_layer_index(n) for n in layers})
     all_layers = len(indices) == len(model.get_submodule("model.layers"))
-    config = {
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model_name,
-        "r": first.rank, "lora_alpha": first.alpha, "lora_dropout": getattr(first.dropout, "p", 0.0),
-        "target_modules": sorted({n.rsplit(".", 1)[-1] for n in layers}),
-        "layers_to_transform": None if all_layers else indices,
-        "bias": "none", "fan_in_fan_out": False, "inference_mode": True, "modules_to_save": None,
-    }
+    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model_name,
+              "r": first.rank, "lora_alpha": first.alpha, "lora_dropout": getattr(first.dropout, "p", 0.0),
+              "target_modules": sorted({n.rsplit(".", 1)[-1] for n in layers}),
+              "layers_to_transform": None if all_layers else indices,
+              "bias": "none", "fan_in_fan_out": False, "inference_mode": True, "modules_to_save": None}
     os.makedirs(folder, exist_ok=True)
     with open(os.path.join(folder, "adapter_config.json"), "w") as f:
         json.dump(config, f, indent=2)
@@ -188,9 +184,8 @@ def save_adapter(model, folder, base_model_name):
 
 
 def fp32_trained_parameters(model, groups):
-    """Every parameter that one of `groups` trains, {name: Parameter} in model order, CAST TO FP32 in place:
-    on CUDA the frozen weights stay bf16, while trained ones become the fp32 master weights that AdamW
-    updates (bf16 autocast still runs their matmuls in bf16). A no-op on the CPU, where all is fp32."""
+    """trained_parameters CAST TO FP32 in place: the fp32 master weights AdamW updates, while on CUDA the frozen
+    weights stay bf16 (and autocast runs the matmuls in bf16). A no-op on the CPU, where all is fp32."""
     params = trained_parameters(model, groups)
     for p in params.values():
         p.data = p.data.float()

@@ -8,12 +8,11 @@ A checkpoint is a folder `<run>/step_000100/` holding
 Decisions:
 - No pickle: tensors go to safetensors, the rest to JSON, so a checkpoint cannot run code. Every key, type
   and shape is checked first: a damaged one is a one-line error naming the file, never a half-restored run.
+- Writes are atomic and refuse NaN or inf, so a resume never trusts a half-written or diverged checkpoint.
 - Frozen base weights are not saved: they are re-read from the base checkpoint. AdamW's hyperparameters
   are restored from the config (state.json keeps them for reference): a checkpoint holds what training changed.
 - No RNG state is saved: train.py seeds every step from (seed, step, rank), so dropout masks do not
   depend on history and a resumed run continues bit for bit, on any number of ranks.
-- Writes are atomic (files.atomic_folder) and refuse NaN or inf (files.NonFiniteError), so a later
-  resume never trusts a half-written or diverged checkpoint.
 """
 import json
 import os
@@ -27,8 +26,7 @@ META = ("step", "epoch", "position", "skipped")  # non-negative ints in state.js
 
 
 def save(folder, model, optimizer, names, meta):
-    """Save the parameters `names` (what the run trains), the optimizer state and the JSON-able `meta` (step,
-    data position, ...). A NaN or inf anywhere raises files.NonFiniteError, naming the tensor, and writes nothing."""
+    """Save the parameters `names` (what the run trains), the optimizer state and the JSON-able `meta`."""
     params, opt = dict(model.named_parameters()), optimizer.state_dict()
     with atomic_folder(folder) as tmp:
         save_safetensors({n: params[n] for n in names}, os.path.join(tmp, "weights.safetensors"))
