@@ -43,7 +43,6 @@ MODELS = {"qwen2": (ModelConfig, Qwen, "Qwen2ForCausalLM"), "qwen3": (ModelConfi
           "qwen3_5_text": (Qwen35Config, Qwen35, "Qwen3_5ForCausalLM")}
 VISION_LANGUAGE = {"qwen3_5": "qwen3_5_text"}  # a vision-language model_type -> its text model's
 TEXT_PREFIX, UNUSED_PREFIXES = "model.language_model.", ("model.visual.", "mtp.")  # in a qwen3_5 checkpoint
-DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 # the most an integer config.json field may be (else 2^20): far above real models, quick to build on "meta"
 LIMITS = {"num_hidden_layers": 1024, "hidden_size": 65536, "vocab_size": 1 << 22, "max_position_embeddings": 1 << 22}
 JSON_TYPES = {int: "an integer", float: "a number", bool: "true or false", str: "a string", list: "a list"}
@@ -155,7 +154,8 @@ def load_model_config(folder):
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{path}: {e}; {FIX}") from None
     if cfg.max_position_embeddings * cfg.head_dim > 1 << 28:  # the RoPE tables take positions·head_dim·6 bytes
-        raise CheckpointError(f"{path}: max_position_embeddings · head_dim is over 2^28; lower max_position_embeddings")
+        raise CheckpointError(f"{path}: max_position_embeddings · head_dim is over 2^28; "
+                              "lower max_position_embeddings")
     return cfg
 
 
@@ -176,7 +176,7 @@ def weight_files(folder):
         return [model_file(folder, shard, "shard") for shard in shards]
     if os.path.lexists(os.path.join(folder, WEIGHTS)):
         return [model_file(folder, WEIGHTS, "weights file")]
-    pickled = [n for n in ("pytorch_model.bin", "pytorch_model.bin.index.json") if os.path.exists(os.path.join(folder, n))]
+    pickled = [n for n in ("pytorch_model.bin", "pytorch_model.bin.index.json") if os.path.exists(f"{folder}/{n}")]
     hint = f"; {pickled[0]} is not read (minorpo never unpickles): convert it with transformers' " \
         "save_pretrained(safe_serialization=True)" if pickled else ""
     raise CheckpointError(f"{folder}: no weights, expected {WEIGHTS} or {INDEX}{hint}")
@@ -234,18 +234,16 @@ def load_model(folder_or_name, dtype=torch.float32, device="cpu"):
     if len(layers) < cfg.num_hidden_layers:  # more layers than the config: check_tensors names the extra one
         raise CheckpointError(f"{model_file(folder, CONFIG)}: num_hidden_layers is {cfg.num_hidden_layers} but "
                               f"the weights hold {len(layers)} layers; the weights do not belong to this config.json")
-    check_tensors(expected_shapes(cfg), found, next(iter(headers)) if len(headers) == 1 else os.path.join(folder, INDEX))
-
+    where = next(iter(headers)) if len(headers) == 1 else os.path.join(folder, INDEX)  # the one file, or the index
+    check_tensors(expected_shapes(cfg), found, where)
     with torch.device("meta"):
         model = MODELS[cfg.model_type][1](cfg)  # shapes only: no memory, no random initialisation
     state = {}
     for path, header in headers.items():
         for name, tensor in read_tensors(path, [n for n in header if model_key(n, cfg) in found], dtype, device):
             state[model_key(name, cfg)] = tensor
-    if cfg.tie_word_embeddings:
-        state["lm_head.weight"] = state["model.embed_tokens.weight"]
-    model.load_state_dict(state, strict=True, assign=True)
-    if cfg.tie_word_embeddings:  # assign=True made two Parameters of one tensor: make them one again
+    model.load_state_dict(state, strict=not cfg.tie_word_embeddings, assign=True)  # check_tensors checked the keys
+    if cfg.tie_word_embeddings:  # assign=True replaced the embedding Parameter: the head is it again
         model.lm_head.weight = model.model.embed_tokens.weight
     return model.to(device=device, dtype=dtype)  # moves the RoPE tables, built in fp32 on the CPU
 
@@ -264,7 +262,7 @@ def write_model(model, folder, tokenizer_from=None, dtype=None):
     save_safetensors(state, os.path.join(folder, WEIGHTS), metadata={"format": "pt"})  # transformers wants it
     raw = {"architectures": [MODELS[cfg.model_type][2]], **dataclasses.asdict(cfg), "hidden_act": "silu",
            "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
-           "torch_dtype": DTYPE_NAMES[dtype], "dtype": DTYPE_NAMES[dtype],
+           "torch_dtype": str(dtype).removeprefix("torch."), "dtype": str(dtype).removeprefix("torch."),
            "use_sliding_window": False, "attention_dropout": 0.0, "use_cache": True}
     if cfg.model_type == "qwen2":
         del raw["attention_bias"]  # not a Qwen2 key

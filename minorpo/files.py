@@ -131,19 +131,17 @@ def save_safetensors(tensors, path, metadata=None):
     """Write {name: tensor} to a .safetensors file. A floating tensor with a NaN or inf is refused
     (NonFiniteError) before the file is opened."""
     tensors = {name: t.detach().cpu().contiguous() for name, t in tensors.items()}
+    header, offset = {"__metadata__": metadata or {}}, 0
     for name, t in tensors.items():
         if t.is_floating_point() and not torch.isfinite(t).all():
             raise NonFiniteError(f"{os.path.basename(path)}: not saved, tensor {name} holds NaN or inf (the training "
                                  "diverged); lower training.learning_rate or resume from an earlier checkpoint")
-    header, offset = {"__metadata__": metadata or {}}, 0
-    for name, t in tensors.items():
-        nbytes = t.numel() * t.element_size()
         header[name] = {"dtype": SAFETENSORS_DTYPES[t.dtype], "shape": list(t.shape),
-                        "data_offsets": [offset, offset + nbytes]}
-        offset += nbytes
+                        "data_offsets": [offset, offset + t.nbytes]}
+        offset += t.nbytes
     header_bytes = json.dumps(header).encode()
     header_bytes += b" " * (-len(header_bytes) % 8)  # the format pads the header to 8-byte alignment
     with open(path, "wb") as f:
         f.write(struct.pack("<Q", len(header_bytes)) + header_bytes)
         for t in tensors.values():
-            f.write(ctypes.string_at(t.data_ptr(), t.numel() * t.element_size()))  # a copy of the raw bytes
+            f.write(ctypes.string_at(t.data_ptr(), t.nbytes))  # a copy of the raw bytes
