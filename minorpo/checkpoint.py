@@ -6,16 +6,14 @@
         write_model(model, tmp, tokenizer_from=folder)
 
 Decisions:
-- Never torch.load or pickle: a checkpoint is data, and reading safetensors cannot run code.
-- A model folder can come from anyone, so all of it is checked before memory is allocated: files lie
-  inside the folder (models--org--name for a Hub snapshot), config.json fields have their type and range,
-  and the safetensors headers agree with config.json. Errors name the file and field.
+- A model folder can come from anyone: it is never unpickled (safetensors cannot run code), and all of it
+  is checked before memory is allocated: files lie inside the folder (models--org--name for a Hub snapshot),
+  config.json fields have their type and range, the safetensors headers agree with config.json.
 - Loading is strict: exactly the tensors config.json implies, with their shapes; a silently missing one
   would leave random weights. The model is built on "meta" and each tensor assigned in the target dtype
   and device: no random initialisation, no fp32 copy of a bf16 checkpoint.
-- Qwen3.5 ships as a vision-language checkpoint (qwen3_5): the text model's config is its text_config, its
-  weights model.language_model.*, beside model.visual.* and mtp.* (vision encoder, multi-token prediction),
-  which minorpo skips. It is saved text-only (qwen3_5_text, keys model.*), as Qwen3_5ForCausalLM saves it.
+- Qwen3.5 ships as a vision-language checkpoint (qwen3_5): minorpo reads its text_config and language_model
+  weights, skips the vision encoder and multi-token prediction, and saves it text-only, as transformers does.
 - config.json is read in the transformers 4 (`rope_theta`, `torch_dtype`) and 5 (`rope_parameters.
   rope_theta`, `dtype`) spellings, and written with both. No huggingface_hub: a Hub id is looked up in
   the local cache only (hub/models--{org}--{name}/snapshots/{commit}/, links into ../../blobs/).
@@ -35,7 +33,6 @@ from minorpo.model import ModelConfig, Qwen
 from minorpo.qwen35 import Qwen35, Qwen35Config
 
 CONFIG, WEIGHTS, INDEX = "config.json", "model.safetensors", "model.safetensors.index.json"
-# copied next to the weights by write_model, when the source folder has them
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
                    "merges.txt", "added_tokens.json", "chat_template.jinja", "generation_config.json")
 # model_type -> (config class, model class, the transformers class named in a saved config.json)
@@ -70,9 +67,8 @@ def tokenizer_files(folder):
 
 
 def resolve(model_name):
-    """The checkpoint folder for model_name: a folder as is, or a Hub id's snapshot in the local cache
-    ($HF_HUB_CACHE, else $HF_HOME/hub, else ~/.cache/huggingface/hub): the commit refs/main names, else
-    the newest. The folder must hold config.json, and its tokenizer files must lie inside it."""
+    """The checkpoint folder for model_name: a folder as is, or a Hub id's snapshot in the local cache: the
+    commit refs/main names, else the newest. It must hold config.json, and its tokenizer files lie inside it."""
     folder = model_name if os.path.isdir(model_name) else None
     if os.path.isfile(model_name) or folder is None and not re.fullmatch(r"[\w.-]+/[\w.-]+", model_name):
         raise CheckpointError(f"{model_name}: {'a file' if os.path.isfile(model_name) else 'no such folder'}; "
@@ -234,8 +230,7 @@ def load_model(folder_or_name, dtype=torch.float32, device="cpu"):
     if len(layers) < cfg.num_hidden_layers:  # more layers than the config: check_tensors names the extra one
         raise CheckpointError(f"{model_file(folder, CONFIG)}: num_hidden_layers is {cfg.num_hidden_layers} but "
                               f"the weights hold {len(layers)} layers; the weights do not belong to this config.json")
-    where = next(iter(headers)) if len(headers) == 1 else os.path.join(folder, INDEX)  # the one file, or the index
-    check_tensors(expected_shapes(cfg), found, where)
+    check_tensors(expected_shapes(cfg), found, next(iter(headers)) if len(headers) == 1 else f"{folder}/{INDEX}")
     with torch.device("meta"):
         model = MODELS[cfg.model_type][1](cfg)  # shapes only: no memory, no random initialisation
     state = {}

@@ -1,16 +1,11 @@
 """Files written so that a crash never leaves half of one, and read so that a hostile one stays harmless.
 
-    with atomic_folder("outputs/run/final") as tmp:   # write into tmp; it replaces the folder on success
-        save_safetensors({"w": tensor}, os.path.join(tmp, "model.safetensors"))
-    atomic_write("outputs/run/config.yml", text)
-
 Decisions:
 - A file or folder is written under a temporary sibling name and renamed into place when complete (a rename
   is atomic): a reader sees the old or the new version, never a partial one; a crash leaves a temporary name.
-- safetensors (github.com/huggingface/safetensors) is an 8-byte little-endian header length, a JSON
-  header {name: {dtype, shape, data_offsets}}, then the tensors' raw bytes. It is written here because
-  safetensors.torch.save_file imports NumPy, which minorpo does not depend on. Reading checks the whole
-  header (sizes, offsets, floating dtypes) before a byte of tensor data is read or allocated.
+- safetensors is an 8-byte little-endian header length, a JSON header {name: {dtype, shape, data_offsets}},
+  then the tensors' raw bytes. It is written here because safetensors.torch.save_file imports NumPy (not a
+  minorpo dependency). Reading checks the whole header before a byte of tensor data is read or allocated.
 - A file someone else gave (a model, an adapter, a checkpoint) is read only through file_inside, and its
   JSON is capped in size, so nothing it says can make minorpo read elsewhere or exhaust memory.
 """
@@ -69,9 +64,8 @@ def read_json(path, fix):
 
 
 def safetensors_header(path, fix):
-    """{name: shape} of a safetensors file, without reading tensor data. The safetensors library checks sizes
-    and offsets; here every dtype must be F32, BF16 or F16: integer and bool tensors are refused, never cast.
-    Every problem is a UserError naming the file and ending with `fix`."""
+    """{name: shape} of a safetensors file; the library checks sizes and offsets, and here every dtype must be
+    F32, BF16 or F16 (integer and bool tensors are refused, never cast). Errors are UserErrors ending in `fix`."""
     try:
         with safe_open(path, framework="pt") as f:
             header = {name: (f.get_slice(name).get_dtype(), f.get_slice(name).get_shape()) for name in f.keys()}

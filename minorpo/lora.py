@@ -7,10 +7,8 @@ A starts kaiming-uniform and B at zero, so B·A = 0 and the wrapped model starts
 Decisions:
 - The base weights are loaded strictly first, then wrapped: LoRALinear keeps the base layer's own `weight`
   and `bias`, so the base keys stay unchanged and only `...q_proj.lora_A` / `lora_B` are added.
-- Groups: `lora` = LoRA on the FFN projections (lora.targets), `attn_lora` = LoRA on the token-mixer
-  projections (lora.attn_targets), `embed`, `norm`, `head`, and `all` (full fine-tuning). A LoRA layer's
-  group is where it sits (inside `self_attn` or `linear_attn`, or not): Qwen3.5's linear-attention
-  projections (`linear_attn.in_proj_qkv`, ...) mix tokens like q/k/v/o. A tied `head` is `embed`.
+- Groups: `lora` (LoRA on lora.targets: FFN projections), `attn_lora` (on lora.attn_targets: the layers inside
+  `self_attn` or Qwen3.5's `linear_attn`), `embed`, `norm`, `head` (tied: `embed`) and `all` (full fine-tuning).
 - The rank is 1 .. the narrowest in/out width of a targeted layer (more adds parameters, not rank),
   checked before allocating. A and B train in fp32 on a bf16 base: lr·grad updates vanish in bf16.
 - `merge_lora` is explicit, never a side effect of `.eval()` (loralib's surprise), and idempotent.
@@ -39,8 +37,7 @@ class LoRALinear(nn.Module):
         super().__init__()
         self.in_features, self.out_features = base.in_features, base.out_features
         self.weight, self.bias = base.weight, base.bias  # the base layer's own Parameters: keys unchanged
-        for p in base.parameters():
-            p.requires_grad_(False)
+        base.requires_grad_(False)
         self.rank, self.alpha, self.scaling, self.group = rank, alpha, alpha / rank, group
         where = dict(device=base.weight.device, dtype=torch.float32)  # fp32 even on a bf16 base
         self.lora_A = nn.Parameter(torch.empty(rank, self.in_features, **where))   # (r, in)
@@ -49,12 +46,11 @@ class LoRALinear(nn.Module):
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
     def forward(self, x):
-        base = F.linear(x, self.weight, self.bias)
-        # Under CUDA autocast both matmuls run in bf16; on the CPU the fp32 adapter needs x in fp32.
+        # Under CUDA autocast both matmuls run in bf16; elsewhere the fp32 adapter is cast to x's dtype.
         a, b = self.lora_A, self.lora_B
         if not torch.is_autocast_enabled(x.device.type):
             a, b = a.to(x.dtype), b.to(x.dtype)
-        return base + F.linear(F.linear(self.dropout(x), a), b) * self.scaling
+        return F.linear(x, self.weight, self.bias) + F.linear(F.linear(self.dropout(x), a), b) * self.scaling
 
     def extra_repr(self):
         return f"{self.in_features}, {self.out_features}, rank={self.rank}, alpha={self.alpha}, group={self.group}"
@@ -75,9 +71,8 @@ def _replace(model, name, new):
 
 
 def inject_lora(model, rank, alpha, dropout=0.0, targets=(), attn_targets=(), start_layer=0, num_layers=0):
-    """Replace the nn.Linear layers whose last name part is in targets (FFN) or attn_targets (attention) by
-    LoRALinear, in layers start_layer .. start_layer+num_layers-1 (num_layers=0: all); return their names.
-    A target that matches nothing or is in the wrong list, or a rank out of range, is a UserError naming it."""
+    """Wrap the nn.Linear layers named in targets (FFN) or attn_targets (attention) in layers start_layer ..
+    start_layer+num_layers-1 (0: all) in LoRALinear; return their names. Bad targets or rank: a UserError."""
     wanted = {target: "lora" for target in targets} | {target: "attn_lora" for target in attn_targets}
     linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
     end = start_layer + num_layers if num_layers else math.inf
@@ -122,8 +117,7 @@ def group_parameters(model, group):
     if group == "embed":
         return {n: p for n, p in params.items() if n.endswith("embed_tokens.weight")}
     if group == "head":  # with tied embeddings this is the embedding (named_parameters lists it once)
-        head = model.get_submodule("lm_head").weight
-        return {n: p for n, p in params.items() if p is head}
+        return {n: p for n, p in params.items() if p is model.lm_head.weight}
     return {n: p for n, p in params.items() if re.search(r"norm\.weight$", n)}  # norm
 
 
@@ -169,11 +163,10 @@ def save_adapter(model, folder, base_model_name):
         raise ValueError("save_adapter: the model has no LoRA layers")
     first = next(iter(layers.values()))
     indices = sorted({_layer_index(n) for n in layers})
-    all_layers = len(indices) == len(model.get_submodule("model.layers"))
     config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model_name,
               "r": first.rank, "lora_alpha": first.alpha, "lora_dropout": getattr(first.dropout, "p", 0.0),
               "target_modules": sorted({n.rsplit(".", 1)[-1] for n in layers}),
-              "layers_to_transform": None if all_layers else indices,
+              "layers_to_transform": None if len(indices) == len(model.get_submodule("model.layers")) else indices,
               "bias": "none", "fan_in_fan_out": False, "inference_mode": True, "modules_to_save": None}
     os.makedirs(folder, exist_ok=True)
     with open(os.path.join(folder, "adapter_config.json"), "w") as f:

@@ -11,8 +11,7 @@ Decisions:
 - Writes are atomic and refuse NaN or inf, so a resume never trusts a half-written or diverged checkpoint.
 - Frozen base weights are not saved: they are re-read from the base checkpoint. AdamW's hyperparameters
   are restored from the config (state.json keeps them for reference): a checkpoint holds what training changed.
-- No RNG state is saved: train.py seeds every step from (seed, step, rank), so dropout masks do not
-  depend on history and a resumed run continues bit for bit, on any number of ranks.
+- No RNG state is saved: train.py seeds every step from (seed, step, rank), so a resume continues bit for bit.
 """
 import json
 import os
