@@ -5,27 +5,18 @@
     with atomic_folder("outputs/run/final") as tmp:
         write_model(model, tmp, tokenizer_from=folder)
 
-A sharded checkpoint's model.safetensors.index.json maps tensor names to shard files ({"weight_map":
-{name: file}}); the Hugging Face cache keeps a Hub repo in hub/models--{org}--{name}/, the commit of
-`main` in refs/main, the files in snapshots/{commit}/ as links into blobs/.
-
 Decisions:
-- Never torch.load or pickle: a checkpoint is data, and reading safetensors cannot run code.
-- A model folder can come from anyone, so all of it is checked before memory is allocated: each file
-  read lies inside the folder (inside models--org--name for a Hub snapshot), shard names are plain file
-  names, config.json fields have their type and a sane range, and the safetensors headers (floating
-  dtypes, each tensor in one shard, every shape) agree with config.json. Errors name the file and field.
-- Loading is strict: exactly the tensors config.json implies, with their shapes (a tied model stores no
-  lm_head.weight; a stored copy is ignored, as transformers does); a silently missing one would leave
-  random weights. The model is built on "meta", then each tensor is cast to the dtype and device and
-  assigned: no random initialisation, no fp32 copy of a bf16 checkpoint.
-- config.json's model_type picks the model class (MODELS). Qwen3.5 ships as a vision-language checkpoint
-  (qwen3_5): the text model's config is its text_config, its weights model.language_model.*, beside
-  model.visual.* and mtp.* (vision encoder, multi-token prediction), which minorpo skips. It is saved
-  text-only (qwen3_5_text, keys model.*), as transformers' Qwen3_5ForCausalLM saves it.
+- A model folder can come from anyone: it is never unpickled (safetensors cannot run code), and all of it
+  is checked before memory is allocated: files lie inside the folder (models--org--name for a Hub snapshot),
+  config.json fields have their type and range, the safetensors headers agree with config.json.
+- Loading is strict: exactly the tensors config.json implies, with their shapes; a silently missing one
+  would leave random weights. The model is built on "meta" and each tensor assigned in the target dtype
+  and device: no random initialisation, no fp32 copy of a bf16 checkpoint.
+- Qwen3.5 ships as a vision-language checkpoint (qwen3_5): minorpo reads its text_config and language_model
+  weights, skips the vision encoder and multi-token prediction, and saves it text-only, as transformers does.
 - config.json is read in the transformers 4 (`rope_theta`, `torch_dtype`) and 5 (`rope_parameters.
-  rope_theta`, `dtype`) spellings, and written with both. No huggingface_hub: a Hub id is looked up
-  in the local cache only, and the error says how to download it.
+  rope_theta`, `dtype`) spellings, and written with both. No huggingface_hub: a Hub id is looked up in
+  the local cache only (hub/models--{org}--{name}/snapshots/{commit}/, links into ../../blobs/).
 """
 import dataclasses
 import json
@@ -42,7 +33,6 @@ from minorpo.model import ModelConfig, Qwen
 from minorpo.qwen35 import Qwen35, Qwen35Config
 
 CONFIG, WEIGHTS, INDEX = "config.json", "model.safetensors", "model.safetensors.index.json"
-# copied next to the weights by write_model, when the source folder has them
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
                    "merges.txt", "added_tokens.json", "chat_template.jinja", "generation_config.json")
 # model_type -> (config class, model class, the transformers class named in a saved config.json)
@@ -50,7 +40,6 @@ MODELS = {"qwen2": (ModelConfig, Qwen, "Qwen2ForCausalLM"), "qwen3": (ModelConfi
           "qwen3_5_text": (Qwen35Config, Qwen35, "Qwen3_5ForCausalLM")}
 VISION_LANGUAGE = {"qwen3_5": "qwen3_5_text"}  # a vision-language model_type -> its text model's
 TEXT_PREFIX, UNUSED_PREFIXES = "model.language_model.", ("model.visual.", "mtp.")  # in a qwen3_5 checkpoint
-DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 # the most an integer config.json field may be (else 2^20): far above real models, quick to build on "meta"
 LIMITS = {"num_hidden_layers": 1024, "hidden_size": 65536, "vocab_size": 1 << 22, "max_position_embeddings": 1 << 22}
 JSON_TYPES = {int: "an integer", float: "a number", bool: "true or false", str: "a string", list: "a list"}
@@ -78,9 +67,8 @@ def tokenizer_files(folder):
 
 
 def resolve(model_name):
-    """The checkpoint folder for model_name: a folder as is, or a Hub id's snapshot in the local cache
-    ($HF_HUB_CACHE, else $HF_HOME/hub, else ~/.cache/huggingface/hub): the commit refs/main names, else
-    the newest. The folder must hold config.json, and its tokenizer files must lie inside it."""
+    """The checkpoint folder for model_name: a folder as is, or a Hub id's snapshot in the local cache: the
+    commit refs/main names, else the newest. It must hold config.json, and its tokenizer files lie inside it."""
     folder = model_name if os.path.isdir(model_name) else None
     if os.path.isfile(model_name) or folder is None and not re.fullmatch(r"[\w.-]+/[\w.-]+", model_name):
         raise CheckpointError(f"{model_name}: {'a file' if os.path.isfile(model_name) else 'no such folder'}; "
@@ -128,8 +116,7 @@ def check_fields(path, config_class, fields):
 
 
 def load_model_config(folder):
-    """The ModelConfig (or Qwen35Config) in folder/config.json, in the transformers 4 or 5 spelling;
-    every field checked for type and range before anything is built from it."""
+    """The ModelConfig (or Qwen35Config) in folder/config.json, in the transformers 4 or 5 spelling."""
     path = model_file(folder, CONFIG, "config.json")
     raw = read_json(path, FIX)
     if raw.get("model_type") in VISION_LANGUAGE:  # the language model's config, with the top-level tie
@@ -148,12 +135,10 @@ def load_model_config(folder):
     if raw.get("hidden_act", "silu") != "silu":
         raise CheckpointError(f"{path}: hidden_act {raw['hidden_act']!r:.50} is not supported; Qwen uses silu")
     config_class = MODELS[raw["model_type"]][0]
-    names = {f.name for f in dataclasses.fields(config_class)}
-    fields = {name: raw[name] for name in names if name in raw}
+    moved = ("rope_theta", "partial_rotary_factor")  # in rope_parameters since transformers 5
+    raw.update({name: value for name, value in rope.items() if name in moved and value is not None})
+    fields = {f.name: raw[f.name] for f in dataclasses.fields(config_class) if f.name in raw}
     fields["num_key_value_heads"] = raw.get("num_key_value_heads") or raw.get("num_attention_heads")
-    for name in ("rope_theta", "partial_rotary_factor"):  # in rope_parameters since transformers 5
-        if name in names and rope.get(name, raw.get(name)) is not None:
-            fields[name] = rope.get(name, raw.get(name))
     if fields.get("head_dim") is None:
         fields.pop("head_dim", None)
     if raw["model_type"] == "qwen2":
@@ -165,7 +150,8 @@ def load_model_config(folder):
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{path}: {e}; {FIX}") from None
     if cfg.max_position_embeddings * cfg.head_dim > 1 << 28:  # the RoPE tables take positions·head_dim·6 bytes
-        raise CheckpointError(f"{path}: max_position_embeddings · head_dim is over 2^28; lower max_position_embeddings")
+        raise CheckpointError(f"{path}: max_position_embeddings · head_dim is over 2^28; "
+                              "lower max_position_embeddings")
     return cfg
 
 
@@ -173,19 +159,20 @@ def weight_files(folder):
     """The real paths of the safetensors files in folder: model.safetensors, or the shards its index lists."""
     if os.path.lexists(os.path.join(folder, INDEX)):
         index = model_file(folder, INDEX, "shard index")
-        shards = read_json(index, FIX).get("weight_map")
-        if not isinstance(shards, dict) or not all(isinstance(shard, str) for shard in shards.values()):
+        weight_map = read_json(index, FIX).get("weight_map")
+        if not isinstance(weight_map, dict) or not all(isinstance(shard, str) for shard in weight_map.values()):
             raise CheckpointError(f'{index}: not a valid index; it maps tensor names to shard files under "weight_map"')
-        for shard in sorted(set(shards.values())):
+        shards = sorted(set(weight_map.values()))
+        for shard in shards:
             if shard in ("", ".", "..") or "/" in shard or "\\" in shard:
                 raise CheckpointError(f"{index}: shard {shard!r:.100} is not a plain file name; a shard lies "
                                       "next to the index, and nothing outside the model folder is read")
             if not os.path.lexists(os.path.join(folder, shard)):
                 raise CheckpointError(f"{index}: shard {shard} is missing; {FIX}")
-        return [model_file(folder, shard, "shard") for shard in sorted(set(shards.values()))]
+        return [model_file(folder, shard, "shard") for shard in shards]
     if os.path.lexists(os.path.join(folder, WEIGHTS)):
         return [model_file(folder, WEIGHTS, "weights file")]
-    pickled = [n for n in ("pytorch_model.bin", "pytorch_model.bin.index.json") if os.path.exists(os.path.join(folder, n))]
+    pickled = [n for n in ("pytorch_model.bin", "pytorch_model.bin.index.json") if os.path.exists(f"{folder}/{n}")]
     hint = f"; {pickled[0]} is not read (minorpo never unpickles): convert it with transformers' " \
         "save_pretrained(safe_serialization=True)" if pickled else ""
     raise CheckpointError(f"{folder}: no weights, expected {WEIGHTS} or {INDEX}{hint}")
@@ -224,8 +211,7 @@ def model_key(name, cfg):
 
 
 def load_model(folder_or_name, dtype=torch.float32, device="cpu"):
-    """A Qwen or Qwen35 model with the weights of a checkpoint folder or a cached Hub id, in dtype on device.
-    config.json and every safetensors header are checked against each other before any tensor is read."""
+    """A Qwen or Qwen35 model with the weights of a checkpoint folder or a cached Hub id, in dtype on device."""
     folder = resolve(folder_or_name)
     cfg = load_model_config(folder)
     headers = {path: safetensors_header(path, FIX) for path in weight_files(folder)}
@@ -244,42 +230,22 @@ def load_model(folder_or_name, dtype=torch.float32, device="cpu"):
     if len(layers) < cfg.num_hidden_layers:  # more layers than the config: check_tensors names the extra one
         raise CheckpointError(f"{model_file(folder, CONFIG)}: num_hidden_layers is {cfg.num_hidden_layers} but "
                               f"the weights hold {len(layers)} layers; the weights do not belong to this config.json")
-    check_tensors(expected_shapes(cfg), found, next(iter(headers)) if len(headers) == 1 else os.path.join(folder, INDEX))
-
+    check_tensors(expected_shapes(cfg), found, next(iter(headers)) if len(headers) == 1 else f"{folder}/{INDEX}")
     with torch.device("meta"):
         model = MODELS[cfg.model_type][1](cfg)  # shapes only: no memory, no random initialisation
     state = {}
     for path, header in headers.items():
         for name, tensor in read_tensors(path, [n for n in header if model_key(n, cfg) in found], dtype, device):
             state[model_key(name, cfg)] = tensor
-    if cfg.tie_word_embeddings:
-        state["lm_head.weight"] = state["model.embed_tokens.weight"]
-    model.load_state_dict(state, strict=True, assign=True)
-    if cfg.tie_word_embeddings:  # assign=True made two Parameters of one tensor: make them one again
+    model.load_state_dict(state, strict=not cfg.tie_word_embeddings, assign=True)  # check_tensors checked the keys
+    if cfg.tie_word_embeddings:  # assign=True replaced the embedding Parameter: the head is it again
         model.lm_head.weight = model.model.embed_tokens.weight
     return model.to(device=device, dtype=dtype)  # moves the RoPE tables, built in fp32 on the CPU
 
 
-def save_config_json(cfg, folder, dtype=torch.bfloat16):
-    """Write folder/config.json for cfg, readable by minorpo and by transformers 4 and 5."""
-    raw = {"architectures": [MODELS[cfg.model_type][2]], **dataclasses.asdict(cfg), "hidden_act": "silu",
-           "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
-           "torch_dtype": DTYPE_NAMES[dtype], "dtype": DTYPE_NAMES[dtype],
-           "use_sliding_window": False, "attention_dropout": 0.0, "use_cache": True}
-    if cfg.model_type == "qwen2":
-        del raw["attention_bias"]  # not a Qwen2 key
-    if cfg.model_type == "qwen3_5_text":  # no sliding window; RoPE turns part of each head
-        del raw["use_sliding_window"]
-        raw["rope_parameters"]["partial_rotary_factor"] = cfg.partial_rotary_factor
-    raw = {key: value for key, value in raw.items() if value is not None}
-    with open(os.path.join(folder, CONFIG), "w") as f:
-        json.dump(raw, f, indent=2, sort_keys=True)
-
-
 def write_model(model, folder, tokenizer_from=None, dtype=None):
-    """Write model as a Hugging Face checkpoint (config.json, model.safetensors) into an existing folder,
-    in dtype (default: the model's), with copies (contents, never links) of the tokenizer files of the
-    checkpoint folder tokenizer_from. Write into files.atomic_folder(...)'s temporary folder."""
+    """Write model in dtype (default: the model's) as a Hugging Face checkpoint into an existing folder (an
+    atomic_folder's), with copies (contents, never links) of the tokenizer files of folder tokenizer_from."""
     cfg = model.config
     dtype = dtype or model.model.embed_tokens.weight.dtype
     state = {name: t.detach().to("cpu", dtype).contiguous() for name, t in model.state_dict().items()}
@@ -289,7 +255,17 @@ def write_model(model, folder, tokenizer_from=None, dtype=None):
                   hint="merge LoRA adapters into the base weights before saving a checkpoint")
     copies = tokenizer_files(tokenizer_from) if tokenizer_from else []
     save_safetensors(state, os.path.join(folder, WEIGHTS), metadata={"format": "pt"})  # transformers wants it
-    save_config_json(cfg, folder, dtype)
+    raw = {"architectures": [MODELS[cfg.model_type][2]], **dataclasses.asdict(cfg), "hidden_act": "silu",
+           "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
+           "torch_dtype": str(dtype).removeprefix("torch."), "dtype": str(dtype).removeprefix("torch."),
+           "use_sliding_window": False, "attention_dropout": 0.0, "use_cache": True}
+    if cfg.model_type == "qwen2":
+        del raw["attention_bias"]  # not a Qwen2 key
+    if cfg.model_type == "qwen3_5_text":  # no sliding window; RoPE turns part of each head
+        del raw["use_sliding_window"]
+        raw["rope_parameters"]["partial_rotary_factor"] = cfg.partial_rotary_factor
+    with open(os.path.join(folder, CONFIG), "w") as f:
+        json.dump({key: value for key, value in raw.items() if value is not None}, f, indent=2, sort_keys=True)
     for name, real in copies:
         shutil.copyfile(real, os.path.join(folder, name))
 

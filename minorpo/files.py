@@ -1,17 +1,11 @@
 """Files written so that a crash never leaves half of one, and read so that a hostile one stays harmless.
 
-    with atomic_folder("outputs/run/final") as tmp:   # write into tmp; it replaces the folder on success
-        save_safetensors({"w": tensor}, os.path.join(tmp, "model.safetensors"))
-    atomic_write("outputs/run/config.yml", text)
-
 Decisions:
-- A file or folder is written under a temporary sibling name and renamed into place when complete
-  (a rename within one file system is atomic), so a reader sees the old version or the new one, never
-  a partial one. A crash while writing leaves only a temporary name behind.
-- safetensors (github.com/huggingface/safetensors) is an 8-byte little-endian header length, a JSON
-  header {name: {dtype, shape, data_offsets}}, then the tensors' raw bytes. It is written here because
-  safetensors.torch.save_file imports NumPy, which minorpo does not depend on. Reading checks the whole
-  header (sizes, offsets, floating dtypes) before a byte of tensor data is read or allocated.
+- A file or folder is written under a temporary sibling name and renamed into place when complete (a rename
+  is atomic): a reader sees the old or the new version, never a partial one; a crash leaves a temporary name.
+- safetensors is an 8-byte little-endian header length, a JSON header {name: {dtype, shape, data_offsets}},
+  then the tensors' raw bytes. It is written here because safetensors.torch.save_file imports NumPy (not a
+  minorpo dependency). Reading checks the whole header before a byte of tensor data is read or allocated.
 - A file someone else gave (a model, an adapter, a checkpoint) is read only through file_inside, and its
   JSON is capped in size, so nothing it says can make minorpo read elsewhere or exhaust memory.
 """
@@ -33,8 +27,7 @@ class UserError(ValueError):
 
 def file_inside(folder, name, what="file"):
     """The real path of folder/name if, after resolving symlinks, it is a regular file inside the real
-    folder; anything else (a link out of the folder, a device, a directory) is refused. A model folder
-    or a checkpoint can come from someone else: nothing it names may make minorpo read elsewhere."""
+    folder; anything else (a link out of the folder, a device, a directory) is refused."""
     root = os.path.realpath(folder)
     real = os.path.realpath(os.path.join(folder, name))
     if os.path.commonpath([root, real]) != root:
@@ -71,10 +64,8 @@ def read_json(path, fix):
 
 
 def safetensors_header(path, fix):
-    """{name: shape} of a safetensors file, without reading tensor data. The safetensors library checks
-    the header (length within the file and under 100 MB, JSON, each tensor's bytes inside the data section
-    and matching its shape); here every dtype must be F32, BF16 or F16: integer and bool tensors are
-    refused, never cast. Every problem is a UserError naming the file and ending with `fix`."""
+    """{name: shape} of a safetensors file; the library checks sizes and offsets, and here every dtype must be
+    F32, BF16 or F16 (integer and bool tensors are refused, never cast). Errors are UserErrors ending in `fix`."""
     try:
         with safe_open(path, framework="pt") as f:
             header = {name: (f.get_slice(name).get_dtype(), f.get_slice(name).get_shape()) for name in f.keys()}
@@ -99,9 +90,7 @@ def read_tensors(path, names, dtype=None, device="cpu"):
 @contextlib.contextmanager
 def atomic_folder(path):
     """Yield a temporary sibling folder to write into; on success it replaces `path`, on error it is removed.
-
-    The replacement is two renames (the old folder aside, the new one in), so the old checkpoint stays
-    complete until the new one is; a crash between them leaves it as a .old folder next to `path`."""
+    The old folder is renamed aside, not deleted, until the new one is in: a crash leaves it as a .old folder."""
     path = os.path.abspath(path)
     stem = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{uuid.uuid4().hex[:8]}")
     os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -133,23 +122,20 @@ def atomic_write(path, text):
 
 
 def save_safetensors(tensors, path, metadata=None):
-    """Write {name: tensor} to a .safetensors file: an 8-byte little-endian header length, a JSON header
-    {name: {dtype, shape, data_offsets}}, then every tensor's raw little-endian bytes back to back.
-    A floating tensor with a NaN or inf is refused (NonFiniteError) before the file is opened."""
+    """Write {name: tensor} to a .safetensors file. A floating tensor with a NaN or inf is refused
+    (NonFiniteError) before the file is opened."""
     tensors = {name: t.detach().cpu().contiguous() for name, t in tensors.items()}
-    for name, t in tensors.items():
-        if t.is_floating_point() and not torch.isfinite(t).all():
-            raise NonFiniteError(f"{os.path.basename(path)}: not saved, tensor {name} holds NaN or inf (the "
-                                 "training diverged); lower training.learning_rate or resume from an earlier checkpoint")
     header, offset = {"__metadata__": metadata or {}}, 0
     for name, t in tensors.items():
-        nbytes = t.numel() * t.element_size()
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise NonFiniteError(f"{os.path.basename(path)}: not saved, tensor {name} holds NaN or inf (the training "
+                                 "diverged); lower training.learning_rate or resume from an earlier checkpoint")
         header[name] = {"dtype": SAFETENSORS_DTYPES[t.dtype], "shape": list(t.shape),
-                        "data_offsets": [offset, offset + nbytes]}
-        offset += nbytes
+                        "data_offsets": [offset, offset + t.nbytes]}
+        offset += t.nbytes
     header_bytes = json.dumps(header).encode()
     header_bytes += b" " * (-len(header_bytes) % 8)  # the format pads the header to 8-byte alignment
     with open(path, "wb") as f:
         f.write(struct.pack("<Q", len(header_bytes)) + header_bytes)
         for t in tensors.values():
-            f.write(ctypes.string_at(t.data_ptr(), t.numel() * t.element_size()))  # a copy of the raw bytes
+            f.write(ctypes.string_at(t.data_ptr(), t.nbytes))  # a copy of the raw bytes

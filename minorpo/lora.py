@@ -5,13 +5,10 @@ update:    h = W0·x + (alpha / r) · B·A·x,    A: (r, in), B: (out, r).
 A starts kaiming-uniform and B at zero, so B·A = 0 and the wrapped model starts identical to the base.
 
 Decisions:
-- The base weights are loaded strictly first, then wrapped (no key-renaming load hooks). LoRALinear
-  keeps the base layer's own `weight` and `bias` Parameters, so the base keys stay unchanged
-  (`...q_proj.weight`) and only `...q_proj.lora_A` / `lora_B` are added.
-- Groups: `lora` = LoRA on the FFN projections (lora.targets), `attn_lora` = LoRA on the token-mixer
-  projections (lora.attn_targets), `embed`, `norm`, `head`, and `all` (full fine-tuning). A LoRA layer's
-  group is where it sits (inside `self_attn` or `linear_attn`, or not): Qwen3.5's linear-attention
-  projections (`linear_attn.in_proj_qkv`, ...) mix tokens like q/k/v/o. A tied `head` is `embed`.
+- The base weights are loaded strictly first, then wrapped: LoRALinear keeps the base layer's own `weight`
+  and `bias`, so the base keys stay unchanged and only `...q_proj.lora_A` / `lora_B` are added.
+- Groups: `lora` (LoRA on lora.targets: FFN projections), `attn_lora` (on lora.attn_targets: the layers inside
+  `self_attn` or Qwen3.5's `linear_attn`), `embed`, `norm`, `head` (tied: `embed`) and `all` (full fine-tuning).
 - The rank is 1 .. the narrowest in/out width of a targeted layer (more adds parameters, not rank),
   checked before allocating. A and B train in fp32 on a bf16 base: lr·grad updates vanish in bf16.
 - `merge_lora` is explicit, never a side effect of `.eval()` (loralib's surprise), and idempotent.
@@ -40,9 +37,7 @@ class LoRALinear(nn.Module):
         super().__init__()
         self.in_features, self.out_features = base.in_features, base.out_features
         self.weight, self.bias = base.weight, base.bias  # the base layer's own Parameters: keys unchanged
-        self.weight.requires_grad_(False)
-        if self.bias is not None:
-            self.bias.requires_grad_(False)
+        base.requires_grad_(False)
         self.rank, self.alpha, self.scaling, self.group = rank, alpha, alpha / rank, group
         where = dict(device=base.weight.device, dtype=torch.float32)  # fp32 even on a bf16 base
         self.lora_A = nn.Parameter(torch.empty(rank, self.in_features, **where))   # (r, in)
@@ -51,17 +46,11 @@ class LoRALinear(nn.Module):
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
     def forward(self, x):
-        base = F.linear(x, self.weight, self.bias)
-        # Under CUDA autocast both matmuls run in bf16; on the CPU the fp32 adapter needs x in fp32.
+        # Under CUDA autocast both matmuls run in bf16; elsewhere the fp32 adapter is cast to x's dtype.
         a, b = self.lora_A, self.lora_B
         if not torch.is_autocast_enabled(x.device.type):
             a, b = a.to(x.dtype), b.to(x.dtype)
-        return base + F.linear(F.linear(self.dropout(x), a), b) * self.scaling
-
-    def merged_weight(self):
-        """W0 + (alpha/r)·B·A, computed in fp32 and cast back to W0's dtype."""
-        delta = self.lora_B.float() @ self.lora_A.float() * self.scaling
-        return (self.weight.float() + delta).to(self.weight.dtype)
+        return F.linear(x, self.weight, self.bias) + F.linear(F.linear(self.dropout(x), a), b) * self.scaling
 
     def extra_repr(self):
         return f"{self.in_features}, {self.out_features}, rank={self.rank}, alpha={self.alpha}, group={self.group}"
@@ -82,12 +71,11 @@ def _replace(model, name, new):
 
 
 def inject_lora(model, rank, alpha, dropout=0.0, targets=(), attn_targets=(), start_layer=0, num_layers=0):
-    """Replace the nn.Linear layers whose last name part is in targets (FFN) or attn_targets (attention)
-    by LoRALinear, in layers start_layer .. start_layer+num_layers-1 (num_layers=0: all).
-    Returns the wrapped module names. A keyword that matches nothing, a keyword in the wrong list, or a
-    rank outside 1 .. the narrowest targeted width is a UserError that names it, raised before allocating."""
+    """Wrap the nn.Linear layers named in targets (FFN) or attn_targets (attention) in layers start_layer ..
+    start_layer+num_layers-1 (0: all) in LoRALinear; return their names. Bad targets or rank: a UserError."""
     wanted = {target: "lora" for target in targets} | {target: "attn_lora" for target in attn_targets}
     linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    end = start_layer + num_layers if num_layers else math.inf
     chosen = {}
     for name, module in linears.items():
         target, i = name.rsplit(".", 1)[-1], _layer_index(name)
@@ -95,11 +83,11 @@ def inject_lora(model, rank, alpha, dropout=0.0, targets=(), attn_targets=(), st
             attention = _group_of(name) == "attn_lora"
             kind, where = ("an attention", "lora.attn_targets") if attention else ("an FFN", "lora.targets")
             raise UserError(f"LoRA target `{target}` ({name}) is {kind} projection: list it under {where}")
-        if target in wanted and i is not None and start_layer <= i and not (num_layers and i >= start_layer + num_layers):
+        if target in wanted and i is not None and start_layer <= i < end:
             chosen[name] = module
-    missing = sorted(set(wanted) - {n.rsplit(".", 1)[-1] for n in linears})
+    names = sorted({n.rsplit(".", 1)[-1] for n in linears})
+    missing = sorted(set(wanted) - set(names))
     if missing:
-        names = sorted({n.rsplit(".", 1)[-1] for n in linears})
         raise UserError(f"LoRA target(s) {missing} match no linear layer; the model's are: {', '.join(names)}")
     if not chosen:
         raise UserError(f"no layer in lora.start_layer={start_layer}, lora.num_layers={num_layers}")
@@ -117,7 +105,7 @@ def lora_layers(model):
 
 
 def group_parameters(model, group):
-    """The named parameters that a trainable group covers: {name: Parameter}."""
+    """{name: Parameter} of the parameters a trainable group covers."""
     if group not in GROUPS:
         raise ValueError(f"unknown trainable group `{group}`; valid: {', '.join(GROUPS)}")
     params = dict(model.named_parameters())
@@ -129,23 +117,24 @@ def group_parameters(model, group):
     if group == "embed":
         return {n: p for n, p in params.items() if n.endswith("embed_tokens.weight")}
     if group == "head":  # with tied embeddings this is the embedding (named_parameters lists it once)
-        head = model.get_submodule("lm_head").weight
-        return {n: p for n, p in params.items() if p is head}
+        return {n: p for n, p in params.items() if p is model.lm_head.weight}
     return {n: p for n, p in params.items() if re.search(r"norm\.weight$", n)}  # norm
+
+
+def trained_parameters(model, groups):
+    """{name: Parameter} of every parameter one of `groups` covers, in model order, each once."""
+    ids = {id(p) for g in groups for p in group_parameters(model, g).values()}
+    return {n: p for n, p in model.named_parameters() if id(p) in ids}
 
 
 def set_trainable(model, groups):
     """Train exactly the parameters of `groups`; freeze every other one. Returns (trainable, total) counts."""
-    chosen = {}
-    for g in groups:
-        chosen.update(group_parameters(model, g))
     if any(g in ("lora", "attn_lora") for g in groups) and not lora_layers(model):
         raise ValueError("a phase trains `lora`/`attn_lora` but the model has no LoRA layers")
-    ids = {id(p) for p in chosen.values()}
-    for p in model.parameters():
-        p.requires_grad_(id(p) in ids)
-    total = sum(p.numel() for p in model.parameters())
-    return sum(p.numel() for p in model.parameters() if p.requires_grad), total
+    trained = trained_parameters(model, groups)
+    for name, p in model.named_parameters():
+        p.requires_grad_(name in trained)
+    return sum(p.numel() for p in trained.values()), sum(p.numel() for p in model.parameters())
 
 
 def phase_at(phases, step):
@@ -159,53 +148,38 @@ def merge_lora(model):
     for name, m in lora_layers(model).items():
         linear = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None,
                            device=m.weight.device, dtype=m.weight.dtype)
-        linear.weight.copy_(m.merged_weight())
+        linear.weight.copy_(m.weight.float() + m.lora_B.float() @ m.lora_A.float() * m.scaling)  # in fp32
         if m.bias is not None:
             linear.bias.copy_(m.bias)
         _replace(model, name, linear)
     return model
 
 
-def adapter_state(model):
-    """LoRA tensors under PEFT's key names: base_model.model.<module>.lora_A.weight."""
-    return {f"{PEFT_PREFIX}{n}.lora_{x}.weight": getattr(m, f"lora_{x}").detach().float().contiguous()
-            for n, m in lora_layers(model).items() for x in ("A", "B")}
-
-
 def save_adapter(model, folder, base_model_name):
-    """Write adapter_config.json + adapter_model.safetensors (PEFT's layout) into `folder`.
-    base_model_name: the base model folder actually used (the resolved checkpoint folder, never `tiny`),
-    written as base_model_name_or_path, from which PEFT loads the base the adapter belongs to."""
+    """Write adapter_config.json + adapter_model.safetensors (PEFT's layout) into `folder`. base_model_name, the
+    base checkpoint folder actually used (never `tiny`), is where PEFT will load the base model from."""
     layers = lora_layers(model)
     if not layers:
         raise ValueError("save_adapter: the model has no LoRA layers")
     first = next(iter(layers.values()))
     indices = sorted({_layer_index(n) for n in layers})
-    all_layers = len(indices) == len(model.get_submodule("model.layers"))
-    config = {
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model_name,
-        "r": first.rank, "lora_alpha": first.alpha, "lora_dropout": getattr(first.dropout, "p", 0.0),
-        "target_modules": sorted({n.rsplit(".", 1)[-1] for n in layers}),
-        "layers_to_transform": None if all_layers else indices,
-        "bias": "none", "fan_in_fan_out": False, "inference_mode": True, "modules_to_save": None,
-    }
+    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model_name,
+              "r": first.rank, "lora_alpha": first.alpha, "lora_dropout": getattr(first.dropout, "p", 0.0),
+              "target_modules": sorted({n.rsplit(".", 1)[-1] for n in layers}),
+              "layers_to_transform": None if len(indices) == len(model.get_submodule("model.layers")) else indices,
+              "bias": "none", "fan_in_fan_out": False, "inference_mode": True, "modules_to_save": None}
     os.makedirs(folder, exist_ok=True)
     with open(os.path.join(folder, "adapter_config.json"), "w") as f:
         json.dump(config, f, indent=2)
-    save_safetensors(adapter_state(model), os.path.join(folder, "adapter_model.safetensors"))
+    tensors = {f"{PEFT_PREFIX}{n}.lora_{x}.weight": getattr(m, f"lora_{x}").float()  # PEFT's key names
+               for n, m in layers.items() for x in ("A", "B")}
+    save_safetensors(tensors, os.path.join(folder, "adapter_model.safetensors"))
 
 
 def fp32_trained_parameters(model, groups):
-    """Every parameter that one of `groups` trains, {name: Parameter} in model order, CAST TO FP32 in place:
-    on CUDA the frozen weights stay bf16, while trained ones become the fp32 master weights that AdamW
-    updates (bf16 autocast still runs their matmuls in bf16). A no-op on the CPU, where all is fp32."""
-    chosen = {}
-    for g in groups:
-        chosen.update(group_parameters(model, g))
-    ids = {id(p) for p in chosen.values()}
-    params = {n: p for n, p in model.named_parameters() if id(p) in ids}
+    """trained_parameters CAST TO FP32 in place: the fp32 master weights AdamW updates, while on CUDA the frozen
+    weights stay bf16 (and autocast runs the matmuls in bf16). A no-op on the CPU, where all is fp32."""
+    params = trained_parameters(model, groups)
     for p in params.values():
         p.data = p.data.float()
     return params
-
-

@@ -6,15 +6,12 @@ A checkpoint is a folder `<run>/step_000100/` holding
     state.json             step, data position (epoch, batch index), what the position depends on
                            (seed, batch size, accumulation, ranks, train-set size), names, AdamW groups
 Decisions:
-- No pickle (no torch.save / torch.load): tensors go to safetensors, the rest to JSON, so a checkpoint
-  cannot run code. It is read through files.file_inside and every key, type and shape is checked first:
-  a damaged one is a one-line error naming the file, never a half-restored run.
+- No pickle: tensors go to safetensors, the rest to JSON, so a checkpoint cannot run code. Every key, type
+  and shape is checked first: a damaged one is a one-line error naming the file, never a half-restored run.
+- Writes are atomic and refuse NaN or inf, so a resume never trusts a half-written or diverged checkpoint.
 - Frozen base weights are not saved: they are re-read from the base checkpoint. AdamW's hyperparameters
   are restored from the config (state.json keeps them for reference): a checkpoint holds what training changed.
-- No RNG state is saved: train.py seeds every step from (seed, step, rank), so dropout masks do not
-  depend on history and a resumed run continues bit for bit, on any number of ranks.
-- Writes are atomic (files.atomic_folder) and refuse NaN or inf (files.NonFiniteError), so a later
-  resume never trusts a half-written or diverged checkpoint.
+- No RNG state is saved: train.py seeds every step from (seed, step, rank), so a resume continues bit for bit.
 """
 import json
 import os
@@ -28,9 +25,7 @@ META = ("step", "epoch", "position", "skipped")  # non-negative ints in state.js
 
 
 def save(folder, model, optimizer, names, meta):
-    """Save the parameters `names` (model parameter names: what the run trains), the optimizer state, and
-    the JSON-able `meta` (step, data position, ...). A NaN or inf anywhere raises files.NonFiniteError,
-    naming the tensor, and writes nothing."""
+    """Save the parameters `names` (what the run trains), the optimizer state and the JSON-able `meta`."""
     params, opt = dict(model.named_parameters()), optimizer.state_dict()
     with atomic_folder(folder) as tmp:
         save_safetensors({n: params[n] for n in names}, os.path.join(tmp, "weights.safetensors"))
@@ -46,9 +41,8 @@ def _tensors(folder, name):
 
 
 def load(folder, model, optimizer, names, expect):
-    """Restore what save() wrote into model and optimizer and return its meta dict. `expect` holds the
-    settings the data position depends on; a checkpoint saved with others is refused, since resuming
-    it would silently replay other batches. Errors are one line naming the file and the fix."""
+    """Restore what save() wrote into model and optimizer and return its meta dict. `expect` holds the settings
+    the data position depends on: a checkpoint saved with others is refused, as it would replay other batches."""
     if not os.path.lexists(os.path.join(folder, "state.json")):
         raise UserError(f"{folder}: not a resumable checkpoint (no state.json); training.resume_from takes an "
                         "outputs/<run>/step_NNNNNN folder")
