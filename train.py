@@ -49,9 +49,9 @@ else:
     rank, world, device = 0, 1, "cuda" if on_cuda else "cpu"
 master = rank == 0  # only rank 0 logs, evaluates and writes files
 log = (lambda *args, **kwargs: print(*args, **kwargs, flush=True)) if master else (lambda *args, **kwargs: None)
-# CPU threads: torch's default (one per core) slows down many times over when another process shares the
-# cores. Half the cores per process, unless OMP_NUM_THREADS says otherwise.
-threads = int(os.environ.get("OMP_NUM_THREADS") or max(1, (os.cpu_count() or 2) // 2 // world))
+# CPU threads: torch's default (one per core) is many times slower when another process shares the cores
+omp = os.environ.get("OMP_NUM_THREADS", "")
+threads = max(1, int(omp) if omp.isdigit() else (os.cpu_count() or 2) // 2 // world)
 torch.set_num_threads(threads)
 torch.manual_seed(cfg["seed"])  # the loop reseeds every step from (seed, step, rank): see state.py
 # bf16: frozen weights bf16, trained weights fp32 (AdamW state too), bf16 autocast. fp32: fp32 throughout.
@@ -102,8 +102,7 @@ log(batches.show_example(train_set[0], tokenizer))
 
 # 4. model: the base weights strictly, then LoRA wrappers if a phase trains a LoRA group
 model = checkpoint.load_model(model_dir, dtype=load_dtype, device=device)
-checkpoint.check_fits(model, tokenizer, model_dir, {"data.max_length": data_cfg["max_length"],
-                                                    "sample.max_new_tokens": sample_cfg["max_new_tokens"]})
+checkpoint.check_fits(model, tokenizer, model_dir, data_cfg["max_length"], sample_cfg["max_new_tokens"])
 context = model.config.max_position_embeddings
 if {"lora", "attn_lora"} & set(ever_trained):
     lora.inject_lora(model, lora_cfg["rank"], lora_cfg["alpha"], lora_cfg["dropout"],

@@ -27,7 +27,7 @@ import torch  # noqa: E402
 from safetensors import SafetensorError  # noqa: E402
 
 from minorpo import checkpoint, data, lora
-from minorpo.files import UserError
+from minorpo.files import UserError, file_inside, read_json, read_tensors, safetensors_header
 
 HELP = "[chat] /reset starts a new conversation, /exit or Ctrl-D ends it"
 
@@ -62,6 +62,24 @@ def parse_args(argv):
     return args
 
 
+def load_adapter(model, folder):
+    """Wrap the layers a PEFT-layout adapter folder (train.py's final/adapter) names and load its weights.
+    Returns the wrapped layer names. Every file is read inside the folder, with a checked header."""
+    fix = "an adapter folder holds adapter_config.json and adapter_model.safetensors, as train.py writes them"
+    config = read_json(file_inside(folder, "adapter_config.json", "adapter config"), fix)
+    path = file_inside(folder, "adapter_model.safetensors", "adapter weights")
+    shapes = safetensors_header(path, fix)
+    names = sorted({key[len(lora.PEFT_PREFIX):].rsplit(".lora_", 1)[0] for key in shapes})
+    for name in names:
+        layer = lora.LoRALinear(model.get_submodule(name), config["r"], config["lora_alpha"], group=lora._group_of(name))
+        lora._replace(model, name, layer)
+        tensors = dict(read_tensors(path, [f"{lora.PEFT_PREFIX}{name}.lora_{x}.weight" for x in "AB"]))
+        with torch.no_grad():
+            layer.lora_A.copy_(tensors[f"{lora.PEFT_PREFIX}{name}.lora_A.weight"])
+            layer.lora_B.copy_(tensors[f"{lora.PEFT_PREFIX}{name}.lora_B.weight"])
+    return names
+
+
 def load(args):
     """(model, tokenizer) for args.model, with args.adapter merged in, in eval mode on its device."""
     on_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
@@ -76,7 +94,7 @@ def load(args):
                         f"{model.config.max_position_embeddings} positions; lower it")
     if args.adapter:
         try:
-            lora.load_adapter(model, args.adapter)
+            load_adapter(model, args.adapter)
         except (ValueError, OSError, KeyError, TypeError, AttributeError, SafetensorError) as e:
             raise ChatError(f"--adapter {args.adapter}: {e}; is it an adapter of {args.model}?") from None
         lora.merge_lora(model)

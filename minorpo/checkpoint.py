@@ -270,13 +270,14 @@ def write_model(model, folder, tokenizer_from=None, dtype=None):
         shutil.copyfile(real, os.path.join(folder, name))
 
 
-def check_fits(model, tokenizer, folder, lengths):
-    """Refuse lengths ({key: tokens}) beyond the model's context, and a tokenizer bigger than its embeddings."""
+def check_fits(model, tokenizer, folder, max_length, max_new_tokens):
+    """Refuse rows or samples longer than the model's context, and a tokenizer bigger than its embeddings."""
     context = model.config.max_position_embeddings
-    for key, value in lengths.items():
-        if value >= context:
+    for key, value, limit in (("data.max_length", max_length, context), ("sample.max_new_tokens", max_new_tokens,
+                                                                         context - 1)):  # and a prompt token
+        if value > limit:
             raise CheckpointError(f"`{key}`={value} does not fit the model's context ({context} positions in "
-                                  f"{folder}/config.json); lower it")
+                                  f"{folder}/config.json); lower it to at most {limit}")
     if tokenizer.get_vocab_size() > model.config.vocab_size:
         raise CheckpointError(f"{folder}/tokenizer.json has {tokenizer.get_vocab_size()} tokens but the model only "
                               f"{model.config.vocab_size} embeddings; it belongs to another model")

@@ -52,7 +52,7 @@ def test_two_processes_equal_one_with_the_same_global_batch(tmp_path):
     assert stdout.count("step     3 |") == 1
     assert len(ddp) == 4
     assert len(train_rows(tmp_path / "ddp", every=True)) == 5  # plus the step-0 evaluation
-    assert sorted(os.listdir(tmp_path / "ddp")) == ["config.yml", "final", "metrics.jsonl"]
+    assert sorted(os.listdir(tmp_path / "ddp")) == ["config.yml", "final", "metrics.jsonl", "metrics.svg"]
 
 
 def test_resumed_two_process_run_continues_exactly(tmp_path):

@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from minorpo import lora
+from minorpo import chat, lora
 from minorpo.files import UserError
 from minorpo.model import ModelConfig, Qwen
 
@@ -174,20 +174,6 @@ def test_eval_does_not_merge():
     assert len(lora.lora_layers(model)) == 3 * 5
 
 
-def load_adapter(model, folder):
-    """Wrap the layers a PEFT-layout adapter names and load its weights, as PEFT does (minorpo never does)."""
-    cfg = json.load(open(os.path.join(folder, "adapter_config.json")))
-    tensors = load_file(os.path.join(folder, "adapter_model.safetensors"))
-    names = sorted({key[len(lora.PEFT_PREFIX):].rsplit(".lora_", 1)[0] for key in tensors})
-    for name in names:
-        layer = lora.LoRALinear(model.get_submodule(name), cfg["r"], cfg["lora_alpha"], group=lora._group_of(name))
-        lora._replace(model, name, layer)
-        with torch.no_grad():
-            layer.lora_A.copy_(tensors[f"{lora.PEFT_PREFIX}{name}.lora_A.weight"])
-            layer.lora_B.copy_(tensors[f"{lora.PEFT_PREFIX}{name}.lora_B.weight"])
-    return names
-
-
 def test_adapter_files_are_peft_layout_and_round_trip(tmp_path):
     model = wrapped(rank=4, alpha=8.0)
     randomize_lora(model)
@@ -202,7 +188,7 @@ def test_adapter_files_are_peft_layout_and_round_trip(tmp_path):
     assert tensors["base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"].shape == (32, 4)
     assert len(tensors) == 2 * 3 * 5
     fresh = make_model()
-    names = load_adapter(fresh, str(tmp_path))
+    names = chat.load_adapter(fresh, str(tmp_path))
     assert len(names) == 15
     assert {n: m.group for n, m in lora.lora_layers(fresh).items()} == \
            {n: m.group for n, m in lora.lora_layers(model).items()}

@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from minorpo import checkpoint, files, lora
+from minorpo import chat, checkpoint, files, lora
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAST = ["training.log_every=5", "training.eval_every=0", "training.warmup_steps=2", "sample.max_new_tokens=8"]
@@ -69,8 +69,7 @@ def test_lora_run_saves_merged_model_and_peft_adapter(tmp_path):
     assert json.loads((final / "adapter" / "adapter_config.json").read_text())["r"] == 4
     # base + adapter, merged here, equals the merged checkpoint that train.py wrote
     model = checkpoint.load_model(str(tmp_path / "tiny-model"))
-    from test_lora import load_adapter
-    load_adapter(model, str(final / "adapter"))
+    chat.load_adapter(model, str(final / "adapter"))
     lora.merge_lora(model)
     saved = load_file(str(final / "model.safetensors"))
     for name, tensor in model.state_dict().items():
