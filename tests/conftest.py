@@ -1,4 +1,5 @@
 """Shared by the tests that run minorpo's entry points in subprocesses."""
+import concurrent.futures
 import os
 import resource
 import subprocess
@@ -17,6 +18,14 @@ def _run(args, cwd=ROOT, timeout=300, memory_gb=6, env=None):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT, **(env or {})}
     return subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=cwd, timeout=timeout,
                           env=env, preexec_fn=limit)
+
+
+def run_all(jobs, **kwargs):
+    """{name: args} -> {name: CompletedProcess}, run as _run runs them, as many at once as there are cores:
+    each uses one thread, so a file of short subprocess tests would otherwise leave the other cores idle."""
+    with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, os.cpu_count() or 1)) as pool:
+        futures = {name: pool.submit(_run, args, **kwargs) for name, args in jobs.items()}
+        return {name: future.result() for name, future in futures.items()}
 
 
 @pytest.fixture(scope="session")
@@ -39,3 +48,9 @@ def assert_one_line_error(p, *needles):
 @pytest.fixture(scope="session")
 def one_line_error():
     return assert_one_line_error
+
+
+@pytest.fixture(scope="session")
+def run_many():
+    """run_many({name: args}) -> {name: CompletedProcess}: several entry-point runs at once (see run_all)."""
+    return run_all
