@@ -74,7 +74,7 @@ def flat(tree, prefix=""):
 
 class _StrictLoader(yaml.SafeLoader):
     """PyYAML's safe loader without anchors, aliases, duplicate keys, dates, or on/off/yes/no booleans."""
-    yaml_implicit_resolvers = {c: [(tag, rx) for tag, rx in rs if tag.rsplit(":", 1)[1] not in ("bool", "timestamp")]
+    yaml_implicit_resolvers = {c: [(tag, rx) for tag, rx in rs if tag.rsplit(":", 1)[1] not in ("bool", "int", "timestamp")]
                                for c, rs in yaml.SafeLoader.yaml_implicit_resolvers.items()}
 
     def compose_node(self, parent, index):
@@ -97,22 +97,34 @@ class _StrictLoader(yaml.SafeLoader):
 
 _StrictLoader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
                                     list("tTfF"))
+_StrictLoader.add_implicit_resolver("tag:yaml.org,2002:int", re.compile(r"^[-+]?[0-9]{1,30}$"), list("-+0123456789"))
 _StrictLoader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
                                     list("-+0123456789"))
 
 
 def parse_yaml(text, name):
     """Parse YAML text strictly; `name` (a file, or `key=value` on the command line) starts every error."""
-    loader = _StrictLoader(text)
-    loader.name = name
+    loader = None
     try:
+        loader = _StrictLoader(text)  # already reads the text: it refuses control characters
+        loader.name = name
         return loader.get_single_data()
-    except yaml.YAMLError as e:
+    except (yaml.YAMLError, ValueError, TypeError, RecursionError) as e:  # also a key no mapping can hold
         mark = getattr(e, "problem_mark", None)
         raise ConfigError(f"{name}{f':{mark.line + 1}' if mark else ''}: not valid YAML "
-                          f"({getattr(e, 'problem', None) or e})") from None
+                          f"({getattr(e, 'problem', None) or str(e).splitlines()[0]})") from None
     finally:
-        loader.dispose()
+        if loader:
+            loader.dispose()
+
+
+SURROGATE = re.compile("[\ud800-\udfff]")  # half of a UTF-16 pair: not a character, cannot be written as UTF-8
+
+
+def shown(value):
+    """A value as an error message shows it: its repr, cut short so that a hostile value stays one line."""
+    text = repr(value)
+    return text if len(text) <= 80 else text[:60] + f"... ({len(text)} characters)"
 
 
 def check(key, value, where):
@@ -124,18 +136,22 @@ def check(key, value, where):
         value = float(value)
     if type(value) is not want:
         kind = {bool: "true or false", int: "an integer", float: "a number", str: "a string", list: "a list"}[want]
-        raise ConfigError(f"{where}: `{key}` must be {kind}{' or null' if key in NULLABLE else ''}, got {value!r}")
+        raise ConfigError(f"{where}: `{key}` must be {kind}{' or null' if key in NULLABLE else ''}, got {shown(value)}")
     if key in CHOICES and value not in CHOICES[key]:
-        raise ConfigError(f"{where}: `{key}` must be one of {' | '.join(CHOICES[key])}, got {value!r}")
+        raise ConfigError(f"{where}: `{key}` must be one of {' | '.join(CHOICES[key])}, got {shown(value)}")
     if key in RANGES:
         low, high = (float(x) for x in RANGES[key][1:-1].split(","))
         interval = RANGES[key]
         inside = (low < value if interval[0] == "(" else low <= value) and \
                  (value < high if interval[-1] == ")" else value <= high)
-        if not (math.isfinite(value) and inside):
+        if not (inside and math.isfinite(value)):
             raise ConfigError(f"{where}: `{key}` must be in {interval}, got {value}")
+    texts = value if isinstance(value, list) else [value]
+    if any(isinstance(text, str) and SURROGATE.search(text) for text in texts):
+        raise ConfigError(f"{where}: `{key}` holds a lone surrogate (\\ud800-\\udfff), which is not text; "
+                          "write the character itself or fix the file's encoding")
     if isinstance(value, list) and key != "training.phases" and not all(isinstance(x, str) for x in value):
-        raise ConfigError(f"{where}: `{key}` must be a list of strings like [q_proj, v_proj], got {value!r}")
+        raise ConfigError(f"{where}: `{key}` must be a list of strings like [q_proj, v_proj], got {shown(value)}")
     return value
 
 
@@ -172,7 +188,7 @@ def validate(cfg, where):
                           f"got {cfg['sample']['temperature']}")
     if cfg["run_name"] in ("", ".", "..") or not re.fullmatch(r"[\w.+-]+", cfg["run_name"]):
         raise ConfigError(f"{where}: `run_name` must be a plain folder name (letters, digits, . _ + -), "
-                          f"got {cfg['run_name']!r}")
+                          f"got {shown(cfg['run_name'])}")
     phases = train["phases"]
     good = all(isinstance(p, dict) and sorted(p) == ["step", "trainable"] and type(p["step"]) is int
                and isinstance(p["trainable"], list) and p["trainable"] and all(g in GROUPS for g in p["trainable"])
@@ -180,7 +196,7 @@ def validate(cfg, where):
     steps = [p["step"] for p in phases] if good else []
     if not (steps and steps[0] == 0 and steps == sorted(set(steps))):  # from 0, strictly increasing
         raise ConfigError(f"{where}: `training.phases` must be a list like [{{step: 0, trainable: [lora]}}] with steps "
-                          f"from 0 upwards and groups from {', '.join(GROUPS)}; got {phases!r}")
+                          f"from 0 upwards and groups from {', '.join(GROUPS)}; got {shown(phases)}")
     return cfg
 
 
@@ -214,7 +230,8 @@ def load(path, overrides=()):
         set_key(cfg, key, value, path)
     for assignment in overrides:
         key, text = assignment.split("=", 1)
-        set_key(cfg, key.strip(), parse_yaml(text, f"`{assignment}`"), f"`{assignment}`")
+        where = f"`{assignment}`" if len(assignment) <= 80 else f"`{key}=...`"
+        set_key(cfg, key.strip(), parse_yaml(text, where), where)
     return validate(cfg, path + (" + overrides" if overrides else ""))
 
 

@@ -29,7 +29,8 @@ import torch
 from minorpo.files import UserError, atomic_write
 
 STEP = re.compile(r"^step_(\d{6,})$")
-LEFTOVER = re.compile(r"^\.?(.+?)\.[0-9a-f]{8}\.(tmp|old)$")  # the temporary names of files.atomic_*
+# the temporary names files.atomic_folder (.name.1234abcd.tmp/.old) and atomic_write (name.1234abcd.tmp) use here
+LEFTOVER = re.compile(r"^(?:\.(final|step_\d{6,})|(config\.yml|metrics\.jsonl|metrics\.svg))\.[0-9a-f]{8}\.(tmp|old)$")
 RESUMABLE = ("run_name", "output_dir", "model_name", "device", "data.path", "data.eval_path",
              "training.max_steps", "training.log_every", "training.eval_every", "training.save_every",
              "training.keep_checkpoints", "training.resume_from", "training.max_bad_steps", "training.compile",
@@ -41,7 +42,7 @@ def checkpoints(run_dir):
     """The complete step_NNNNNN checkpoints of a run folder, oldest first."""
     if not os.path.isdir(run_dir):
         return []
-    names = sorted(n for n in os.listdir(run_dir) if STEP.match(n))
+    names = sorted(n for n in os.listdir(run_dir) if STEP.match(n) and not os.path.islink(os.path.join(run_dir, n)))
     return [os.path.join(run_dir, n) for n in names if os.path.isfile(os.path.join(run_dir, n, "state.json"))]
 
 
@@ -59,6 +60,8 @@ def check_run_folder(run_dir, resume_from, model_dir, data_paths):
         if _inside(path, run_dir):
             raise UserError(f"the data file {path} is inside the run folder {run_dir}; move it or choose another "
                             "run_name")
+    if os.path.islink(run_dir):
+        raise UserError(f"{run_dir} is a symbolic link; a run folder must be a real folder inside output_dir")
     if not os.path.isdir(run_dir) or not os.listdir(run_dir):
         return
     last = checkpoints(run_dir)[-1] if checkpoints(run_dir) else None
@@ -79,8 +82,10 @@ def recover(run_dir):
         match, path = LEFTOVER.match(name), os.path.join(run_dir, name)
         if not match:
             continue
-        target = os.path.join(run_dir, match.group(1))
-        if match.group(2) == "old" and not os.path.exists(target):
+        target = os.path.join(run_dir, match.group(1) or match.group(2))
+        if os.path.islink(path) or match.group(2) and match.group(3) == "old":
+            continue  # never ours: atomic_write leaves no .old, and neither writes links
+        if match.group(3) == "old" and not os.path.exists(target):
             os.rename(path, target)  # the crash came between the two renames of atomic_folder
             done.append(f"[recover] {target}: restored from {name}")
             continue
@@ -101,7 +106,7 @@ def file_hash(path, sample_above=1 << 26):
     identifying a base model costs milliseconds, not a read of gigabytes."""
     digest, size = hashlib.sha256(), os.path.getsize(path)
     with open(path, "rb") as f:
-        if size <= sample_above:
+        if sample_above is None or size <= sample_above:
             for block in iter(lambda: f.read(1 << 20), b""):
                 digest.update(block)
         else:
@@ -115,7 +120,7 @@ def file_hash(path, sample_above=1 << 26):
 def trajectory(flat_cfg, data_paths, model_files, world):
     """What a checkpoint must agree on with the run that resumes it (flat keys, JSON values)."""
     keys = {k: v for k, v in flat_cfg.items() if k not in RESUMABLE}
-    keys["data"] = "".join(file_hash(p) for p in data_paths)
+    keys["data"] = "".join(file_hash(p, sample_above=None) for p in data_paths)  # every byte: it is read anyway
     keys["base model"] = file_hash(model_files[0]) + "".join(file_hash(p)[:4] for p in model_files[1:])
     keys["ranks"] = world
     return keys
@@ -152,7 +157,7 @@ class MetricsLog:
                 for number, line in enumerate(f, 1):
                     try:
                         row = json.loads(line)
-                    except json.JSONDecodeError:
+                    except (ValueError, RecursionError):  # a cut line, or one no run of ours wrote
                         warnings.append(f"[warning] {self.path}:{number}: an unreadable line (cut by a crash?) "
                                         "is dropped")
                         continue
@@ -224,8 +229,9 @@ def excepthook(kind, error, tb):
     if issubclass(kind, UserError):
         print(f"error: {error}", file=sys.stderr)
     elif issubclass(kind, OSError):
-        print(f"error: {error.strerror or error}: {error.filename or ''} (the files written before this one are "
-              "complete: every write is atomic)", file=sys.stderr)
+        where = f"{error.strerror}: {error.filename}" if error.filename else str(error)
+        print(f"error: {where} (the files written before this one are complete: every write is atomic)",
+              file=sys.stderr)
     elif issubclass(kind, KeyboardInterrupt):
         print("interrupted", file=sys.stderr)
     else:

@@ -236,6 +236,20 @@ def test_a_huge_preset_is_refused_before_reading(tmp_path):
         config.load(str(path))
 
 
+@pytest.mark.parametrize("override", ["run_name=a\udcff", "lora.targets=[q_proj, \"v\\ud800\"]"])
+def test_a_lone_surrogate_is_refused_by_name(override):
+    # what the shell hands Python for bytes that are not UTF-8, or a YAML escape for half a UTF-16 pair
+    with pytest.raises(ConfigError, match="lone surrogate|unacceptable character #xdcff"):
+        config.load(ORPO, [override])
+
+
+def test_a_huge_integer_is_not_an_integer_and_a_long_value_is_cut_short():
+    with pytest.raises(ConfigError) as e:
+        config.load(ORPO, ["seed=" + "9" * 5000])
+    assert "`seed` must be an integer" in str(e.value) and "characters)" in str(e.value)
+    assert len(str(e.value)) < 300
+
+
 def test_help_lists_presets_and_every_key():
     text = config.help_text()
     assert "presets/orpo.yml" in text
