@@ -1,4 +1,7 @@
-"""Hostile and malformed data files, each through the real train.py in a subprocess with a memory cap.
+"""Hostile and malformed data files. Each class goes once through the real train.py in a subprocess with a
+memory cap and a hang guard; all those runs start together, one per core (the `runs` fixture), and each test
+checks its own. Further cases of a class go through the functions train.py calls (data.read_jsonl and
+data.make_examples) in this process, with the same message.
 
 A malformed file stops the run with one line naming the file and the line; a row that cannot be trained
 on (too long to read, identical answers after truncation) is filtered and reported, and the run goes on.
@@ -9,20 +12,11 @@ import os
 
 import pytest
 
-from minorpo import tiny
+from minorpo import config, data, tiny
+from minorpo.files import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GOOD = {"prompt": "Repeat: red blue", "chosen": "Sure: red blue.", "rejected": "Sure: blue red."}
-
-
-def train(run_limited, tmp_path, path, *overrides, memory_gb=6):
-    """Run train.py for two steps on the data file `path`, writing only under tmp_path."""
-    before = sorted(os.listdir(ROOT))
-    p = run_limited(["train.py", "presets/orpo.yml", f"data.path={path}", f"output_dir={tmp_path}",
-                     "training.max_steps=2", "training.eval_every=0", "sample.max_new_tokens=4", *overrides],
-                    memory_gb=memory_gb)
-    assert sorted(os.listdir(ROOT)) == before  # nothing written outside tmp_path
-    return p
 
 
 def pairs_with(tmp_path, line, at=None):
@@ -53,37 +47,98 @@ BROKEN_LINES = {  # case: (the line, what the error says)
     "invalid_json": (b'{"prompt": "Repeat: red", "chosen": "a"', "not valid JSON"),
 }
 
+BROKEN_IN_A_SUBPROCESS = "invalid_json"  # the other broken lines go through data.read_jsonl / make_examples here
+SHARED = "Sure: " + "red " * 150  # chosen and rejected differ only past max_length
 
-@pytest.mark.parametrize("case", sorted(BROKEN_LINES))
-def test_a_broken_line_stops_the_run_with_one_line_naming_file_and_line(run_limited, one_line_error, tmp_path,
-                                                                        case):
+
+def args(folder, path, *overrides):
+    """train.py for two steps on the data file `path`, writing only under folder."""
+    return ["train.py", "presets/orpo.yml", f"data.path={path}", f"output_dir={folder}", "training.max_steps=2",
+            "training.eval_every=0", "sample.max_new_tokens=4", *overrides]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, run_many):
+    """{case: (CompletedProcess, the data path, the line number of interest)}: one train.py run per class,
+    all at once, plus "root_before" and "root_after": the repository root's listing around them."""
+    folders = {name: tmp_path_factory.mktemp(name) for name in
+               ("long_row", "identical", "broken", "blank", "folder", "filtered")}
+    cases = {  # case: (data path, line number); long_row appends a 50 MB line
+        "long_row": pairs_with(folders["long_row"], json.dumps(dict(GOOD, prompt="red " * 12_500_000)).encode()),
+        "identical": (tiny.ensure_pairs(str(folders["identical"] / "pairs.jsonl")), 2001),
+        "broken": pairs_with(folders["broken"], BROKEN_LINES[BROKEN_IN_A_SUBPROCESS][0], at=7),
+        "blank": (folders["blank"] / "pairs.jsonl", None),
+        "folder": (folders["folder"] / "data", None),
+        "filtered": (folders["filtered"] / "pairs.jsonl", None),
+    }
+    with open(cases["identical"][0], "a") as f:
+        for _ in range(3):
+            f.write(json.dumps(dict(GOOD, chosen=SHARED + "blue.", rejected=SHARED + "pink.")) + "\n")
+    cases["blank"][0].write_text("\n   \n\n")
+    cases["folder"][0].mkdir()
+    cases["filtered"][0].write_text("".join(json.dumps(dict(GOOD, chosen=" ")) + "\n" for _ in range(20)))
+    extra = {"identical": ["data.eval_fraction=0"]}  # every row in the training set
+    root_before = sorted(os.listdir(ROOT))
+    # The two runs that train start first (the longest). One cap for all: the 50 MB row is to be read in 1 MiB
+    # chunks, never whole, and every run here fits in 3 GB.
+    done = run_many({name: args(folders[name], path, *extra.get(name, [])) for name, (path, _) in cases.items()},
+                    memory_gb=3)
+    return {name: (done[name], *cases[name]) for name in cases} | {"root_before": root_before,
+                                                                    "root_after": sorted(os.listdir(ROOT))}
+
+
+def result(runs, case):
+    """(CompletedProcess, data path, line number) of a case, once nothing was written outside tmp folders."""
+    assert runs["root_after"] == runs["root_before"]  # nothing written outside the run folders
+    return runs[case]
+
+
+def test_a_broken_line_stops_the_run_with_one_line_naming_file_and_line(runs, one_line_error):
+    p, path, number = result(runs, "broken")
+    one_line_error(p, f"{path}:{number}: ", BROKEN_LINES[BROKEN_IN_A_SUBPROCESS][1])
+
+
+@pytest.fixture(scope="module")
+def preprocess():
+    """read_jsonl and make_examples as train.py calls them under presets/orpo.yml, with the tiny model's tokenizer."""
+    cfg = config.load(os.path.join(ROOT, "presets", "orpo.yml"))["data"]
+    tokenizer = tiny.build_tokenizer()  # what tiny.ensure_model saves as the tiny model's tokenizer.json
+
+    def run(path):
+        rows = data.read_jsonl(str(path), max_length=cfg["max_length"])
+        return data.make_examples(rows, tokenizer, cfg["task"], fmt=cfg["format"], template=cfg["template"],
+                                  max_length=cfg["max_length"], max_prompt_length=cfg["max_prompt_length"],
+                                  source=str(path))
+    return run
+
+
+@pytest.mark.parametrize("case", sorted(set(BROKEN_LINES) - {BROKEN_IN_A_SUBPROCESS}))
+def test_other_broken_lines_raise_one_line_naming_file_and_line(preprocess, tmp_path, case):
     line, message = BROKEN_LINES[case]
     path, number = pairs_with(tmp_path, line, at=7)
-    one_line_error(train(run_limited, tmp_path, path), f"{path}:{number}: ", message)
+    with pytest.raises(UserError) as error:
+        preprocess(path)
+    assert str(error.value).startswith(f"{path}:{number}: "), str(error.value)
+    assert message in str(error.value) and "\n" not in str(error.value), str(error.value)
 
 
-def test_a_blank_file_is_one_line_error_naming_it(run_limited, one_line_error, tmp_path):
-    path = tmp_path / "pairs.jsonl"
-    path.write_text("\n   \n\n")
-    one_line_error(train(run_limited, tmp_path, path), f"{path}: no rows (the file is empty or blank)")
+def test_a_blank_file_is_one_line_error_naming_it(runs, one_line_error):
+    p, path, _ = result(runs, "blank")
+    one_line_error(p, f"{path}: no rows (the file is empty or blank)")
 
 
-def test_a_data_path_that_is_a_folder_says_so(run_limited, one_line_error, tmp_path):
-    folder = tmp_path / "data"
-    folder.mkdir()
-    one_line_error(train(run_limited, tmp_path, folder), f"{folder}: a directory; expected a JSONL file", "`tiny`")
+def test_a_data_path_that_is_a_folder_says_so(runs, one_line_error):
+    p, folder, _ = result(runs, "folder")
+    one_line_error(p, f"{folder}: a directory; expected a JSONL file", "`tiny`")
 
 
-def test_rows_all_filtered_is_one_line_error_naming_the_filter(run_limited, one_line_error, tmp_path):
-    path = tmp_path / "pairs.jsonl"
-    path.write_text("".join(json.dumps(dict(GOOD, chosen=" ")) + "\n" for _ in range(20)))
-    one_line_error(train(run_limited, tmp_path, path), str(path), "no usable pairs left: filtered",
-                   "rows with an empty response (lines ")
+def test_rows_all_filtered_is_one_line_error_naming_the_filter(runs, one_line_error):
+    p, path, _ = result(runs, "filtered")
+    one_line_error(p, str(path), "no usable pairs left: filtered", "rows with an empty response (lines ")
 
 
-def test_a_50_mb_row_is_skipped_unread_and_the_run_goes_on(run_limited, tmp_path):
-    path, number = pairs_with(tmp_path, json.dumps(dict(GOOD, prompt="red " * 12_500_000)).encode())
-    p = train(run_limited, tmp_path, path, memory_gb=3)
+def test_a_50_mb_row_is_skipped_unread_and_the_run_goes_on(runs):
+    p, path, number = result(runs, "long_row")
     assert p.returncode == 0, p.stderr[-3000:]
     report = [line for line in p.stdout.splitlines() if line.startswith(f"[data] {path}") and "filtered" in line]
     assert len(report) == 1, p.stdout[-3000:]
@@ -91,13 +146,8 @@ def test_a_50_mb_row_is_skipped_unread_and_the_run_goes_on(run_limited, tmp_path
                               "them or raise data.max_length (now 128; the bound is max(1 MiB, 64 bytes x it))")
 
 
-def test_pairs_identical_after_truncation_are_filtered_and_the_run_goes_on(run_limited, tmp_path):
-    shared = "Sure: " + "red " * 150
-    path = tiny.ensure_pairs(str(tmp_path / "pairs.jsonl"))
-    with open(path, "a") as f:
-        for _ in range(3):
-            f.write(json.dumps(dict(GOOD, chosen=shared + "blue.", rejected=shared + "pink.")) + "\n")
-    p = train(run_limited, tmp_path, path, "data.eval_fraction=0")  # every row in the training set
+def test_pairs_identical_after_truncation_are_filtered_and_the_run_goes_on(runs):
+    p, path, _ = result(runs, "identical")
     assert p.returncode == 0, p.stderr[-3000:]
     expected = (f"[data] {path}: filtered 3 rows with chosen and rejected identical after truncation (lines 2001, "
                 "2002, 2003); to keep such rows, raise data.max_length (now 128) or lower data.max_prompt_length "
