@@ -38,27 +38,33 @@ class ChatError(UserError):
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(prog="python -m minorpo.chat", description=__doc__.split("\n")[0])
+    parser.error = lambda message: sys.exit(f"error: {message} (python -m minorpo.chat --help lists the arguments)")
     parser.add_argument("model", help="a checkpoint folder (outputs/orpo/final) or a cached Hugging Face id")
     parser.add_argument("--adapter", help="a LoRA adapter folder to merge into the model (PEFT layout)")
     parser.add_argument("--system", help="a system message that starts every conversation")
     parser.add_argument("--prompt", help="answer this one message and exit, instead of a conversation")
     parser.add_argument("--max-new-tokens", type=int, default=256, help="the longest answer, in tokens (256)")
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy, else in (0, 100] (0)")
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy, else in [0.01, 100] (0)")
     parser.add_argument("--top-p", type=float, default=1.0, help="sample from this much probability (1.0)")
     parser.add_argument("--template", choices=("chatml", "raw"), default="chatml", help="as data.template")
     parser.add_argument("--seed", type=int, default=0, help="seeds the sampling (0)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: CUDA if seen")
     args = parser.parse_args(argv)
-    if not (args.temperature == 0 or 0 < args.temperature <= 100):
-        raise ChatError(f"--temperature {args.temperature}: use 0 (greedy) or a value in (0, 100]")
+    if not (args.temperature == 0 or 0.01 <= args.temperature <= 100):  # below 0.01 logits/T overflow
+        raise ChatError(f"--temperature {args.temperature}: use 0 (greedy) or a value in [0.01, 100]")
     if not 0 < args.top_p <= 1:
         raise ChatError(f"--top-p {args.top_p}: use a value in (0, 1]; 1 samples from every token")
+    if not 0 <= args.seed < 2**63:
+        raise ChatError(f"--seed {args.seed}: use an integer in [0, 2**63)")
     if args.max_new_tokens < 1:
         raise ChatError(f"--max-new-tokens {args.max_new_tokens}: use 1 or more")
     if args.system and args.template == "raw":
         raise ChatError("--system needs --template chatml; a raw prompt has no system turn")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise ChatError("--device cuda: torch sees no CUDA GPU; use --device auto or cpu")
+    for name in ("system", "prompt"):  # bytes that were not UTF-8 on the command line become U+FFFD
+        if getattr(args, name) is not None:
+            setattr(args, name, getattr(args, name).encode("utf-8", "surrogateescape").decode("utf-8", "replace"))
     return args
 
 
@@ -86,12 +92,10 @@ def load(args):
     model = checkpoint.load_model(args.model, torch.bfloat16 if on_cuda else torch.float32,
                                   "cuda" if on_cuda else "cpu")
     tokenizer = data.load_tokenizer(checkpoint.resolve(args.model))
-    if tokenizer.get_vocab_size() > model.config.vocab_size:
-        raise ChatError(f"{args.model}: the tokenizer has {tokenizer.get_vocab_size()} tokens but the model only "
-                        f"{model.config.vocab_size}; use the tokenizer.json the model was trained with")
     if args.max_new_tokens >= model.config.max_position_embeddings:
         raise ChatError(f"--max-new-tokens {args.max_new_tokens} leaves no room for a prompt in the model's "
                         f"{model.config.max_position_embeddings} positions; lower it")
+    checkpoint.check_fits(model, tokenizer, args.model, 1, 0)  # the tokenizer's ids within the embeddings
     if args.adapter:
         try:
             load_adapter(model, args.adapter)
@@ -132,6 +136,25 @@ def reply(model, tokenizer, prompt_ids, args, stop_ids, generator):
     return text
 
 
+def read_message(interactive, limit=1 << 20):
+    """One line of input, or None at its end. A piped line longer than `limit` characters is read to its
+    end in pieces and replaced by "" with a warning, so that memory stays bounded."""
+    if interactive:  # the terminal bounds a line; input() gives line editing
+        try:
+            return input("> ")
+        except EOFError:
+            return None
+    line = sys.stdin.readline(limit)
+    if not line:
+        return None
+    if len(line) == limit and not line.endswith("\n"):
+        while (rest := sys.stdin.readline(limit)) and not rest.endswith("\n"):
+            pass
+        print(f"error: a message is at most {limit:,} characters; this one was skipped", file=sys.stderr)
+        return ""
+    return line.rstrip("\n")
+
+
 def converse(model, tokenizer, args):
     """Answer args.prompt once, or read messages from stdin until /exit or end of input."""
     stop_ids, _ = data.stop_and_pad_ids(tokenizer, args.template)
@@ -158,9 +181,8 @@ def converse(model, tokenizer, args):
     if interactive:
         print(HELP, file=sys.stderr)
     while True:
-        try:
-            message = input("> " if interactive else "")
-        except EOFError:  # Ctrl-D, or the end of piped input
+        message = read_message(interactive)
+        if message is None:  # Ctrl-D, or the end of piped input
             return
         if message.strip() == "/exit":
             return

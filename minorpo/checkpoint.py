@@ -278,6 +278,7 @@ def check_fits(model, tokenizer, folder, max_length, max_new_tokens):
         if value > limit:
             raise CheckpointError(f"`{key}`={value} does not fit the model's context ({context} positions in "
                                   f"{folder}/config.json); lower it to at most {limit}")
-    if tokenizer.get_vocab_size() > model.config.vocab_size:
-        raise CheckpointError(f"{folder}/tokenizer.json has {tokenizer.get_vocab_size()} tokens but the model only "
+    top = max(tokenizer.get_vocab(with_added_tokens=True).values(), default=-1)  # ids may have gaps
+    if top >= model.config.vocab_size:
+        raise CheckpointError(f"{folder}/tokenizer.json has token id {top} but the model only "
                               f"{model.config.vocab_size} embeddings; it belongs to another model")

@@ -64,10 +64,13 @@ class _Filtered(Exception):
 def load_tokenizer(folder):
     """The model folder's tokenizer.json (Hugging Face tokenizers format), a regular file inside it."""
     path = file_inside(folder, "tokenizer.json", "tokenizer")
+    if os.path.getsize(path) > 100 << 20:  # the largest real ones are about 35 MB
+        raise DataError(f"{path}: {os.path.getsize(path):,} bytes is not a tokenizer (at most 100 MB)")
     try:
         return Tokenizer.from_file(path)
     except Exception as e:  # the tokenizers library raises a bare Exception for a file it cannot parse
-        raise DataError(f"{path}: not a readable tokenizer ({e}); copy it again from the model") from None
+        reason = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        raise DataError(f"{path}: not a readable tokenizer ({reason}); copy it again from the model") from None
 
 
 def _template_ids(tokenizer, template):

@@ -13,7 +13,9 @@ Decisions:
 - The SVG is written by hand, a few dozen lines of text, so minorpo needs no plotting library.
 - A cut last line (a run still writing, or killed mid-line) is skipped with a warning; any other line
   that is not a JSON object stops with file:line. A missing key is a missing point (SFT runs log no
-  train/orpo_loss), and non-finite values are left out.
+  train/orpo_loss), and values that are not finite or beyond +-1e12 are left out. Only the plotted keys of
+  a row are kept, and past MAX_ROWS rows every other one is dropped (a 440-pixel panel shows no more), so
+  memory stays bounded for any file.
 - Output goes to <run>/metrics.svg, written atomically, or only where --out says.
 """
 import argparse
@@ -36,6 +38,8 @@ COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b")
 DASHES = ("", ' stroke-dasharray="6 4"')
 PANEL_W, PANEL_H, MARGIN, TOP = 440, 270, 55, 60  # one panel's box; left/bottom room for ticks; title band
 MAX_LINE = 1 << 20  # a metrics row is a few hundred bytes; a longer line is not a metrics file
+MAX_ROWS = 10_000
+KEYS = ["step"] + [key for _, curves in PANELS for key, _ in curves]
 
 
 class PlotError(UserError):
@@ -53,7 +57,7 @@ def metrics_file(path):
 
 def read_metrics(path):
     """The rows of a metrics.jsonl, sorted by step; a cut last line is skipped with a warning."""
-    rows, bad = [], None
+    rows, bad, stride, seen = [], None, 1, 0
     with open(path, "rb") as f:
         for n, line in enumerate(iter(lambda: f.readline(MAX_LINE + 1), b""), 1):
             if not line.strip():
@@ -62,10 +66,14 @@ def read_metrics(path):
                 raise PlotError(f"{bad}: not a metrics row; metrics.jsonl holds one JSON object per line")
             try:
                 row = json.loads(line) if len(line) <= MAX_LINE else None
-            except ValueError:
+            except (ValueError, RecursionError):  # not JSON, or nested deeper than Python recurses
                 row = None
             if isinstance(row, dict) and _number(row.get("step")) is not None:
-                rows.append(row)
+                seen += 1
+                if seen % stride == 0:
+                    rows.append({key: _number(row.get(key)) for key in KEYS})
+                if len(rows) >= 2 * MAX_ROWS:
+                    rows, stride = rows[1::2], 2 * stride
             else:
                 bad = f'{path}:{n}'
     if bad and not rows:
@@ -78,13 +86,13 @@ def read_metrics(path):
 
 
 def _number(value):
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and abs(value) <= 1e12  # nan fails too
     return float(value) if ok else None
 
 
 def series(rows, key):
     """[(step, value)] for the rows that have a finite number under key."""
-    return [(float(row["step"]), _number(row.get(key))) for row in rows if _number(row.get(key)) is not None]
+    return [(row["step"], row[key]) for row in rows if row.get(key) is not None]
 
 
 def ticks(lo, hi, count=5):
@@ -93,7 +101,7 @@ def ticks(lo, hi, count=5):
     step = 10 ** math.floor(math.log10(raw))
     step *= next(f for f in (1, 2, 5, 10) if f * step >= raw)
     first = math.floor(lo / step)
-    return [i * step for i in range(first, math.ceil(hi / step) + 1)]
+    return [i * step for i in range(first, max(math.ceil(hi / step), first + 1) + 1)]  # two at least
 
 
 def _label(value):
@@ -117,8 +125,9 @@ def panel(x0, y0, title, curves, runs):
                       'fill="#999">no data</text>']
     xs = [x for *_, points in lines for x, _ in points]
     ys = [y for *_, points in lines for _, y in points]
-    x_ticks = ticks(min(xs), max(xs) + (max(xs) == min(xs)))  # one step apart when all steps are equal
-    y_span = max(ys) - min(ys) or abs(max(ys)) * 0.1 or 1.0   # a flat curve gets a band around it
+    x_ticks = ticks(min(xs), max(max(xs), min(xs) + 1))  # at least one step wide
+    scale = max(abs(min(ys)), abs(max(ys)))  # a flat curve gets a band around it; a tiny one, [-1, 1]
+    y_span = max(max(ys) - min(ys), 0.01 * scale) if scale > 1e-9 else 1.0
     y_ticks = ticks(min(ys) - 0.05 * y_span, max(ys) + 0.05 * y_span)
 
     def to_x(x):  # data -> pixels, mapping the outer ticks onto the plot box
@@ -173,6 +182,7 @@ def write_svg(metrics_path, svg_path):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m minorpo.plot", description=__doc__.split("\n")[0])
+    parser.error = lambda message: sys.exit(f"error: {message} (python -m minorpo.plot --help lists the arguments)")
     parser.add_argument("runs", nargs="+", help="run folders (outputs/orpo) or their metrics.jsonl files")
     parser.add_argument("--out", help="the SVG to write; default <run>/metrics.svg (required for several runs)")
     args = parser.parse_args(argv)

@@ -1,6 +1,7 @@
 """chat: answers are what model.generate makes from data.prompt_ids of the conversation so far, printed
 as they are made; /reset, /exit, end of input and Ctrl-C end cleanly; bad settings are one line."""
 import builtins
+import io
 
 import pytest
 import torch
@@ -84,9 +85,9 @@ def test_end_of_input_exits_cleanly(tiny_model, run_limited, tmp_path):
 
 
 def test_ctrl_c_exits_quietly_with_code_130(tiny_model, monkeypatch):
-    def interrupted(prompt=""):
+    def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
-    monkeypatch.setattr(builtins, "input", interrupted)
+    monkeypatch.setattr(chat, "read_message", interrupted)
     with pytest.raises(SystemExit) as stop:
         chat.main([tiny_model])
     assert stop.value.code == 130
@@ -119,7 +120,8 @@ def test_adapter_is_merged_into_the_model(tiny_model, run_limited, tmp_path):
 
 @pytest.mark.parametrize("setting, needle", [
     (["--temperature", "-1"], "--temperature -1.0"), (["--temperature", "101"], "--temperature 101.0"),
-    (["--temperature", "nan"], "--temperature nan"), (["--top-p", "0"], "--top-p 0.0"),
+    (["--temperature", "nan"], "--temperature nan"), (["--temperature", "1e-300"], "[0.01, 100]"),
+    (["--seed", str(2**64)], "--seed"), (["--seed", "-1"], "--seed"), (["--top-p", "0"], "--top-p 0.0"),
     (["--top-p", "1.5"], "--top-p 1.5"), (["--max-new-tokens", "0"], "--max-new-tokens 0"),
     (["--template", "raw", "--system", "hi"], "--system"),
 ])
@@ -127,6 +129,22 @@ def test_bad_setting_is_refused_in_one_line_naming_it(setting, needle):
     with pytest.raises(chat.ChatError, match="^[^\\n]*$") as error:
         chat.parse_args(["model", *setting])
     assert needle in str(error.value)
+
+
+def test_a_wrong_argument_is_one_line(capsys):
+    with pytest.raises(SystemExit) as e:
+        chat.parse_args(["model", "--top-p", "lots"])
+    assert "--top-p" in str(e.value.code) and "\n" not in str(e.value.code) and capsys.readouterr().err == ""
+
+
+def test_command_line_bytes_that_are_not_utf8_become_replacement_characters():
+    assert chat.parse_args(["model", "--prompt", "caf\udce9"]).prompt == "caf\ufffd"
+
+
+def test_a_piped_line_too_long_is_skipped_and_reading_goes_on(monkeypatch, capsys):
+    monkeypatch.setattr("sys.stdin", io.StringIO("x" * 250 + "\nhello\n"))
+    assert [chat.read_message(False, limit=100) for _ in range(3)] == ["", "hello", None]
+    assert "at most 100 characters" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("setting, needle", [(["--top-p", "2"], "--top-p 2.0"),

@@ -223,3 +223,27 @@ def test_save_safetensors_refuses_nan_and_leaves_no_file(tmp_path):
     assert not path.exists()
     save_safetensors({"ids": torch.tensor([1, 2])}, str(path))  # integers cannot be NaN: written
     assert path.exists()
+
+
+def test_a_tokenizer_whose_ids_pass_the_embeddings_is_refused_even_with_few_tokens(shared):
+    from tokenizers import Tokenizer
+
+    from minorpo import checkpoint, data
+    model = checkpoint.load_model(shared[0], torch.float32, "cpu")
+    tokenizer = data.load_tokenizer(shared[0])
+    checkpoint.check_fits(model, tokenizer, shared[0], 64, 8)  # its own tokenizer fits
+    spec = json.loads(tokenizer.to_str())
+    vocab = spec["model"]["vocab"]
+    vocab[max(vocab, key=vocab.get)] = model.config.vocab_size + 5  # a gap: no more tokens, a larger id
+    gapped = Tokenizer.from_str(json.dumps(spec))
+    assert gapped.get_vocab_size() <= model.config.vocab_size
+    with pytest.raises(checkpoint.CheckpointError, match=f"token id {model.config.vocab_size + 5} .* embeddings"):
+        checkpoint.check_fits(model, gapped, shared[0], 64, 8)
+
+
+def test_a_huge_tokenizer_file_is_refused_before_it_is_read(tmp_path):
+    from minorpo import data
+    with open(tmp_path / "tokenizer.json", "wb") as f:
+        f.truncate(101 << 20)  # sparse: takes no disk
+    with pytest.raises(data.DataError, match="tokenizer.json: 105,906,176 bytes is not a tokenizer"):
+        data.load_tokenizer(str(tmp_path))

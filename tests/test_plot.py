@@ -103,6 +103,30 @@ def test_ticks_are_round_and_cover_the_range():
     assert gaps == {1.0} and values[0] == -1 and values[-1] == 3  # (2.9 + 0.37) / 5 rounds up to 1
 
 
+@pytest.mark.parametrize("values", [[1e300, -1e300, 1.0, 2.0], [1.0, 1.0 + 1e-15, 1.0], [5e-324, 0.0, 5e-324],
+                                    [float("nan"), 3.0, float("inf"), 3.5]])
+def test_extreme_values_plot_on_finite_axes(tmp_path, values):
+    rows = [{"step": i, "train/sft_loss": v} for i, v in enumerate(values)]
+    svg = plot.write_svg(write_run(tmp_path / "run", rows), str(tmp_path / "m.svg"))
+    points = curves(svg)["run: train/sft_loss"]
+    assert 0 < len(points) <= len(values) and all(abs(c) < 1e4 for xy in points for c in xy)
+
+
+def test_a_deeply_nested_line_is_a_bad_line_not_a_traceback(tmp_path):
+    write_run(tmp_path / "run", orpo_rows(2), tail="[" * 200000 + "\n" + json.dumps({"step": 99}) + "\n")
+    with pytest.raises(plot.PlotError, match="metrics.jsonl:4: not a metrics row"):
+        plot.read_metrics(str(tmp_path / "run" / "metrics.jsonl"))
+
+
+def test_a_long_run_is_thinned_to_a_bounded_number_of_rows(tmp_path, monkeypatch):
+    monkeypatch.setattr(plot, "MAX_ROWS", 10)
+    write_run(tmp_path / "run", [{"step": i, "train/sft_loss": 1.0, "junk": "x"} for i in range(1, 101)])
+    rows = plot.read_metrics(str(tmp_path / "run" / "metrics.jsonl"))
+    steps = [row["step"] for row in rows]
+    assert 10 <= len(steps) < 20 and steps == sorted(steps) and len({b - a for a, b in zip(steps, steps[1:])}) == 1
+    assert all("junk" not in row for row in rows)
+
+
 def test_cli_skips_a_cut_last_line_and_writes_only_the_run_folder_svg(tmp_path, run_limited):
     rows = orpo_rows()
     run = write_run(tmp_path / "orpo", rows, tail='{"step": 35, "train/sft_lo')
@@ -131,3 +155,9 @@ def test_cli_bad_input_is_one_line_naming_the_file(tmp_path, run_limited, one_li
 def test_cli_several_runs_need_out(tmp_path, run_limited, one_line_error):
     a, b = write_run(tmp_path / "a", orpo_rows(2)), write_run(tmp_path / "b", orpo_rows(2))
     one_line_error(run_limited(["-m", "minorpo.plot", str(a), str(b)], cwd=tmp_path), "--out")
+
+
+def test_a_wrong_argument_is_one_line(capsys):
+    with pytest.raises(SystemExit) as e:
+        plot.main(["--nonsense"])
+    assert "--help" in str(e.value.code) and "\n" not in str(e.value.code) and capsys.readouterr().err == ""
