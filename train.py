@@ -188,7 +188,7 @@ def save_checkpoint(it):
 # 8. resume, then the loop
 metrics_log = runs.MetricsLog(os.path.join(run_dir, "metrics.jsonl"), objective, enabled=master)
 fingerprint = runs.trajectory(config.flat(cfg), data_paths, checkpoint.weight_files(model_dir), world)
-fingerprint["train examples"] = len(train_set)
+fingerprint.update({"train examples": len(train_set), "precision": "bf16" if bf16 else "fp32"})  # auto, resolved
 it, epoch, position, skipped, bad_in_row, last_saved = 0, 0, 0, 0, 0, None
 if train_cfg["resume_from"]:
     meta = state.load(train_cfg["resume_from"], model, optimizer, names, fingerprint)
@@ -218,6 +218,9 @@ def batch_order(epoch):  # the global micro-batches of an epoch (batches.py)
 order = batch_order(epoch)
 if not order:
     raise data.DataError(f"{len(train_set)} training examples cannot give each of {world} ranks a pair")
+if position > len(order):  # only a damaged or hand-edited state.json says so
+    raise files.UserError(f"{last_saved}/state.json: position {position} is past the epoch's {len(order)} batches; "
+                          f"{state.FIX}")
 stop = runs.CtrlC()  # the first Ctrl-C asks the loop to finish its step, save, and say how to resume
 t_start, start_it = time.time(), it
 while it < train_cfg["max_steps"]:

@@ -17,6 +17,8 @@ import json
 import os
 import re
 
+import torch
+
 from minorpo.files import UserError, atomic_folder, file_inside, read_json, read_tensors, safetensors_header, \
     save_safetensors
 
@@ -52,6 +54,9 @@ def load(folder, model, optimizer, names, expect):
         kind = list if key == "param_names" else int
         if type(meta.get(key)) is not kind or kind is int and meta[key] < 0:
             raise UserError(f"{path}: {key} is missing or not a{' list' if kind is list else ' count'}; {FIX}")
+    if meta["skipped"] > meta["step"] or meta["epoch"] > meta["step"]:  # a step skips once, starts one epoch at most
+        raise UserError(f"{path}: skipped ({meta['skipped']}) or epoch ({meta['epoch']}) is past step "
+                        f"({meta['step']}); {FIX}")
     changed = [f"{k} was {meta.get(k)}, now {v}" for k, v in expect.items() if meta.get(k) != v]
     if changed:
         raise UserError(f"{folder}: saved with other settings ({'; '.join(changed)}); resume with the "
@@ -62,6 +67,8 @@ def load(folder, model, optimizer, names, expect):
     params = dict(model.named_parameters())
     path, weights = _tensors(folder, "weights.safetensors")
     for n in names:
+        if n in weights and not torch.isfinite(weights[n]).all():
+            raise UserError(f"{path}: tensor {n} holds NaN or inf; {FIX}")
         if n not in weights or weights[n].shape != params[n].shape:
             got = tuple(weights[n].shape) if n in weights else "missing"
             raise UserError(f"{path}: tensor {n} is {got}, the model needs {tuple(params[n].shape)}; {FIX}")
@@ -70,12 +77,15 @@ def load(folder, model, optimizer, names, expect):
     state = {}
     for key, value in moments.items():
         match = re.fullmatch(r"(\d{1,9})\.(exp_avg|exp_avg_sq|step)", key)
-        if not match or int(match[1]) >= len(trained) or \
-                value.shape != (() if match[2] == "step" else trained[int(match[1])].shape):
+        if not match or int(match[1]) >= len(trained) or not torch.isfinite(value).all() or \
+                value.shape != (() if match[2] == "step" else trained[int(match[1])].shape) or \
+                match[2] != "exp_avg" and (value < 0).any():  # a count and squares: never negative
             raise UserError(f"{path}: tensor {key} does not fit the optimizer of this model; {FIX}")
         state.setdefault(int(match[1]), {})[match[2]] = value
     if any(len(moment) != 3 for moment in state.values()):
         raise UserError(f"{path}: a parameter misses one of exp_avg, exp_avg_sq, step; {FIX}")
+    if not state and meta["step"] > meta["skipped"]:  # a step that updated leaves moments
+        raise UserError(f"{path}: no optimizer moments after {meta['step'] - meta['skipped']} updates; {FIX}")
     for n in names:
         params[n].data.copy_(weights[n])
     optimizer.load_state_dict({"state": state, "param_groups": optimizer.state_dict()["param_groups"]})

@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from minorpo import tiny
-from minorpo.files import NonFiniteError, save_safetensors
+from minorpo.files import NonFiniteError, UserError, save_safetensors
 
 RUN = ["training.eval_every=0", "sample.max_new_tokens=4"]
 
@@ -193,6 +193,12 @@ def empty_optimizer(folder):
     (folder / "optimizer.safetensors").write_bytes(b"")
 
 
+def position_past_the_epoch(folder):
+    state = json.loads((folder / "state.json").read_text())
+    state["position"] = 10**6
+    (folder / "state.json").write_text(json.dumps(state))
+
+
 def misshaped_weight(folder):
     weights = {n: t.clone() for n, t in load_file(folder / "weights.safetensors").items()}
     weights["model.norm.weight"] = torch.ones(7)
@@ -203,7 +209,8 @@ def misshaped_weight(folder):
     (drop_position, ("state.json", "position is missing", "resume from another checkpoint")),
     (empty_optimizer, ("optimizer.safetensors", "not a readable safetensors file", "resume from another checkpoint")),
     (misshaped_weight, ("weights.safetensors", "model.norm.weight is (7,)", "resume from another checkpoint")),
-], ids=["state-json-missing-a-key", "empty-optimizer-file", "misshaped-weight"])
+    (position_past_the_epoch, ("state.json", "position 1000000 is past the epoch's", "resume from another")),
+], ids=["state-json-missing-a-key", "empty-optimizer-file", "misshaped-weight", "position-past-the-epoch"])
 def test_resuming_a_damaged_checkpoint_names_the_file(run_limited, one_line_error, shared, tmp_path, saved_checkpoint,
                                                       damage, needles):
     copy = tmp_path / "copy"
@@ -247,3 +254,58 @@ def test_a_huge_tokenizer_file_is_refused_before_it_is_read(tmp_path):
         f.truncate(101 << 20)  # sparse: takes no disk
     with pytest.raises(data.DataError, match="tokenizer.json: 105,906,176 bytes is not a tokenizer"):
         data.load_tokenizer(str(tmp_path))
+
+
+def saved_state(tmp_path, updates=1):
+    """(folder, model, optimizer): a two-parameter model after `updates` AdamW steps, saved by state.save."""
+    from minorpo import state
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.AdamW(model.parameters())
+    for _ in range(updates):
+        model(torch.ones(3)).sum().backward()
+        optimizer.step()
+    state.save(str(tmp_path / "ck"), model, optimizer, ["weight", "bias"],
+               {"step": updates, "epoch": 0, "position": updates, "skipped": 0})
+    return tmp_path / "ck", model, optimizer
+
+
+def nan_weight(folder):  # save_safetensors refuses NaN: write ones, then turn their bytes into NaN
+    save_safetensors({"weight": torch.ones(2, 3), "bias": torch.zeros(2)}, str(folder / "weights.safetensors"))
+    raw = (folder / "weights.safetensors").read_bytes()
+    (folder / "weights.safetensors").write_bytes(raw.replace(struct.pack("<f", 1.0), struct.pack("<f", float("nan"))))
+
+
+def no_moments(folder):
+    save_safetensors({}, str(folder / "optimizer.safetensors"))
+
+
+def negative_step(folder):
+    moments = {k: v.clone() for k, v in load_file(folder / "optimizer.safetensors").items()}  # not the mapped file
+    save_safetensors({**moments, "0.step": torch.tensor(-5.0)}, str(folder / "optimizer.safetensors"))
+
+
+def more_skipped_than_steps(folder):
+    meta = json.loads((folder / "state.json").read_text())
+    (folder / "state.json").write_text(json.dumps({**meta, "skipped": 2}))
+
+
+@pytest.mark.parametrize("damage, needle", [
+    (nan_weight, "tensor weight holds NaN or inf"),
+    (no_moments, "no optimizer moments after 1 updates"), (negative_step, "0.step does not fit"),
+    (more_skipped_than_steps, "skipped (2) or epoch (0) is past step (1)"),
+], ids=["nan-weight", "no-moments", "negative-step", "skipped-past-step"])
+def test_state_load_refuses_values_no_run_writes(tmp_path, damage, needle):
+    from minorpo import state
+    folder, model, optimizer = saved_state(tmp_path)
+    damage(folder)
+    with pytest.raises(UserError) as error:
+        state.load(str(folder), model, optimizer, ["weight", "bias"], {})
+    assert needle in str(error.value) and "resume from another checkpoint" in str(error.value)
+
+
+def test_state_load_accepts_a_checkpoint_whose_every_step_was_skipped(tmp_path):
+    from minorpo import state
+    folder, model, optimizer = saved_state(tmp_path, updates=0)
+    meta = json.loads((folder / "state.json").read_text())
+    (folder / "state.json").write_text(json.dumps({**meta, "step": 3, "skipped": 3, "epoch": 0}))
+    assert state.load(str(folder), model, optimizer, ["weight", "bias"], {})["step"] == 3
