@@ -59,33 +59,56 @@ def done(finished, tmp_path):
     return tmp_path / "out"
 
 
-def test_a_second_run_with_the_same_run_name_is_refused_and_the_first_is_untouched(run_limited, done, one_line_error):
-    before = snapshot(done / "orpo")
-    p = train(run_limited, done, "training.max_steps=2")
-    last = one_line_error(p, str(done / "orpo"), "already holds a run", "run_name",
-                          f"training.resume_from={done / 'orpo' / 'step_000006'}")
-    assert last.startswith("error:")
-    assert snapshot(done / "orpo") == before
+def test_every_refused_start_names_the_way_out_and_changes_nothing_on_disk(run_many, done, one_line_error):
+    """Starts that would overwrite or mix runs, all at once against one finished run: each is one line
+    naming the folder or setting, and no byte under the output folder changes (config.yml included: a
+    refused setting is never recorded)."""
+    run, resume = done / "orpo", f"training.resume_from={done / 'orpo' / 'step_000006'}"
+    lines = (done / "tiny-data" / "pairs.jsonl").read_text().splitlines(keepends=True)
+    row = json.loads(lines[0])
+    (done / "other.jsonl").write_text(json.dumps({**row, "chosen": row["chosen"] + " extra"}) + "\n" + "".join(lines[1:]))
+    other_model = tiny.ensure_model(str(done / "other-model"), seed=1)
+    cases = {  # name: (overrides, what the error line names)
+        "same run_name": (["training.max_steps=2"], [str(run), "already holds a run", "run_name", resume]),
+        "model inside the run": ([f"model_name={run / 'final'}", "training.max_steps=2"],
+                                 ["overlap", "its own input model"]),
+        "changed orpo_lambda": ([resume, "training.orpo_lambda=0.5"], ["training.orpo_lambda was 1.0, now 0.5"]),
+        "changed weight_decay": ([resume, "training.weight_decay=0.1"], ["training.weight_decay was 0.0, now 0.1"]),
+        "changed lora.alpha": ([resume, "lora.alpha=8"], ["lora.alpha was 32.0, now 8.0"]),
+        "changed batch_size": ([resume, "training.batch_size=8"], ["training.batch_size was 4, now 8"]),
+        "other data, same rows": ([resume, f"data.path={done / 'other.jsonl'}"], ["data was"]),
+        "another base model": ([resume, f"model_name={other_model}"], ["base model was"]),
+        "an older checkpoint": ([f"training.resume_from={run / 'step_000003'}"],
+                                ["not the latest checkpoint", "step_000006"]),
+        "at max_steps already": ([resume, "training.max_steps=6"], ["at step 6", "raise training.max_steps"]),
+    }
+    before = snapshot(done)
+    results = run_many({name: ["train.py", "presets/orpo.yml", f"output_dir={done}", *FAST, "training.max_steps=8",
+                               *overrides] for name, (overrides, _) in cases.items()})
+    failures = []
+    for name, (overrides, needles) in cases.items():
+        try:
+            one_line_error(results[name], *needles, *(["step_000006"] if resume in overrides else []))
+        except AssertionError as e:
+            failures.append(f"{name}: {e}")
+    assert not failures, "\n".join(failures)
+    assert snapshot(done) == before
 
 
-def test_a_run_never_writes_into_the_folder_its_model_comes_from(run_limited, done, one_line_error):
-    before = snapshot(done / "orpo")
-    p = train(run_limited, done, f"model_name={done / 'orpo' / 'final'}", "run_name=orpo", "training.max_steps=2")
-    one_line_error(p, "overlap", "its own input model")
-    assert snapshot(done / "orpo") == before
+IMPOSSIBLE = [("training.learning_rate=.inf", "training.learning_rate"),
+              ("training.weight_decay=.inf", "training.weight_decay"), ("lora.alpha=.inf", "lora.alpha"),
+              ("training.orpo_lambda=.inf", "training.orpo_lambda"), ("sample.top_p=0", "sample.top_p"),
+              ("sample.temperature=1e-45", "sample.temperature"),
+              ("sample.max_new_tokens=600", "sample.max_new_tokens")]
 
 
-@pytest.mark.parametrize("override,key", [
-    ("training.learning_rate=.inf", "training.learning_rate"), ("training.weight_decay=.inf", "training.weight_decay"),
-    ("lora.alpha=.inf", "lora.alpha"), ("training.orpo_lambda=.inf", "training.orpo_lambda"),
-    ("sample.top_p=0", "sample.top_p"), ("sample.temperature=1e-45", "sample.temperature"),
-    ("sample.max_new_tokens=600", "sample.max_new_tokens"),
-])
-def test_an_impossible_setting_stops_before_training_and_writes_no_run(run_limited, tmp_path, override, key,
-                                                                         one_line_error):
-    p = train(run_limited, tmp_path, override, "training.max_steps=2")
-    one_line_error(p, f"`{key}`")
-    assert not (tmp_path / "orpo").exists()
+def test_an_impossible_setting_stops_before_training_and_writes_no_run(run_many, done, one_line_error):
+    results = run_many({key: ["train.py", "presets/orpo.yml", f"output_dir={done}", *FAST, override,
+                              "training.max_steps=2", f"run_name=new{i}"]
+                        for i, (override, key) in enumerate(IMPOSSIBLE)})
+    for i, (_, key) in enumerate(IMPOSSIBLE):
+        one_line_error(results[key], f"`{key}`")
+        assert not (done / f"new{i}").exists()
 
 
 def test_a_failing_optional_step_after_final_says_final_is_safe(run_limited, tmp_path):
@@ -109,48 +132,6 @@ runpy.run_path("train.py", run_name="__main__")
     assert "final/ is complete and safe" in p.stderr
     assert "Traceback" not in p.stderr
     assert {"model.safetensors", "config.json", "tokenizer.json"} <= set(os.listdir(tmp_path / "orpo" / "final"))
-
-
-@pytest.mark.parametrize("override,named", [
-    ("training.orpo_lambda=0.5", "training.orpo_lambda was 1.0, now 0.5"),
-    ("training.weight_decay=0.1", "training.weight_decay was 0.0, now 0.1"),
-    ("lora.alpha=8", "lora.alpha was 32.0, now 8.0"),
-    ("training.batch_size=8", "training.batch_size was 4, now 8"),
-])
-def test_resume_refuses_a_changed_setting_and_names_it(run_limited, done, override, named, one_line_error):
-    before = snapshot(done / "orpo")
-    p = train(run_limited, done, "training.max_steps=8", f"training.resume_from={done / 'orpo' / 'step_000006'}",
-              override)
-    one_line_error(p, "step_000006", named)
-    assert snapshot(done / "orpo") == before  # config.yml too: a refused setting is never recorded
-
-
-def test_resume_refuses_other_data_with_the_same_row_count(run_limited, done, one_line_error):
-    data = done / "tiny-data" / "pairs.jsonl"
-    lines = data.read_text().splitlines(keepends=True)
-    row = json.loads(lines[0])
-    row["chosen"] += " extra"
-    (done / "other.jsonl").write_text(json.dumps(row) + "\n" + "".join(lines[1:]))
-    p = train(run_limited, done, "training.max_steps=8", f"training.resume_from={done / 'orpo' / 'step_000006'}",
-              f"data.path={done / 'other.jsonl'}")
-    one_line_error(p, "step_000006", "data was")
-
-
-def test_resume_refuses_another_base_model(run_limited, done, one_line_error):
-    other = tiny.ensure_model(str(done / "other-model"), seed=1)
-    p = train(run_limited, done, "training.max_steps=8", f"training.resume_from={done / 'orpo' / 'step_000006'}",
-              f"model_name={other}")
-    one_line_error(p, "step_000006", "base model was")
-
-
-def test_resume_at_max_steps_says_there_is_nothing_to_train(run_limited, done, one_line_error):
-    p = train(run_limited, done, "training.max_steps=6", f"training.resume_from={done / 'orpo' / 'step_000006'}")
-    one_line_error(p, "at step 6", "raise training.max_steps")
-
-
-def test_resume_from_an_older_checkpoint_of_the_same_folder_is_refused(run_limited, done, one_line_error):
-    p = train(run_limited, done, "training.max_steps=8", f"training.resume_from={done / 'orpo' / 'step_000003'}")
-    one_line_error(p, "not the latest checkpoint", "step_000006")
 
 
 def test_resume_drops_a_cut_metrics_line_cleans_leftovers_and_rotates(run_limited, done):
