@@ -15,11 +15,16 @@ import gpu_check  # noqa: E402
 HAS_HF = all(importlib.util.find_spec(name) for name in ("transformers", "peft"))
 
 
-def test_dry_run_writes_every_field(run_limited, tmp_path):
-    out = tmp_path / "x.json"
-    p = run_limited(["scripts/gpu_check.py", "--dry-run", "--out", str(out), "--budget", "500"], timeout=560)
-    assert p.returncode == 0, p.stderr[-3000:]
-    result = json.loads(out.read_text())
+def test_dry_run_writes_every_field(run_many, tmp_path):
+    # the pipeline in two halves at once (--only), one per core: the speed rows and tests, then the
+    # model folder and the training runs on it
+    halves = {"speed": list(gpu_check.SPEED_ROWS) + ["tests"], "train": ["model_folder", *gpu_check.TRAIN_RUNS]}
+    runs = run_many({half: ["scripts/gpu_check.py", "--dry-run", "--out", str(tmp_path / f"{half}.json"), "--budget",
+                            "500", "--only", ",".join(parts)] for half, parts in halves.items()}, timeout=560)
+    assert all(p.returncode == 0 for p in runs.values()), [p.stderr[-3000:] for p in runs.values()]
+    speed, train = (json.loads((tmp_path / f"{half}.json").read_text()) for half in halves)
+    assert not set(gpu_check.TRAIN_RUNS) & set(speed)  # --only ran only these parts
+    result = {**speed, **{name: train[name] for name in halves["train"]}}
     assert result["device"] == "cpu" and result["torch"] == torch.__version__ and result["dry_run"] is True
     for name in gpu_check.SPEED_ROWS:
         row = result[name]
