@@ -147,15 +147,15 @@ def test_a_piped_line_too_long_is_skipped_and_reading_goes_on(monkeypatch, capsy
     assert "at most 100 characters" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("setting, needle", [(["--top-p", "2"], "--top-p 2.0"),
-                                             (["--max-new-tokens", "512"], "512 positions")])
-def test_bad_setting_stops_the_command_with_one_line(tiny_model, run_limited, one_line_error, setting, needle):
-    one_line_error(run_limited(["-m", "minorpo.chat", tiny_model, "--prompt", "hi", *setting]), needle)
-
-
-def test_bad_folders_are_one_line(tiny_model, run_limited, one_line_error, tmp_path):
-    one_line_error(run_limited(["-m", "minorpo.chat", str(tmp_path / "nothing"), "--prompt", "hi"]), "nothing")
+def test_bad_settings_and_folders_stop_the_command_with_one_line(tiny_model, run_many, one_line_error, tmp_path):
     (tmp_path / "empty").mkdir()
-    one_line_error(run_limited(["-m", "minorpo.chat", str(tmp_path / "empty"), "--prompt", "hi"]), "config.json")
-    p = run_limited(["-m", "minorpo.chat", tiny_model, "--adapter", str(tmp_path / "empty"), "--prompt", "hi"])
-    one_line_error(p, "--adapter", "adapter_config.json")
+    cases = {  # name: (arguments, what the error line names)
+        "top-p": ([tiny_model, "--top-p", "2"], ["--top-p 2.0"]),
+        "no room": ([tiny_model, "--max-new-tokens", "512"], ["512 positions"]),
+        "no folder": ([str(tmp_path / "nothing")], ["nothing"]),
+        "empty folder": ([str(tmp_path / "empty")], ["config.json"]),
+        "empty adapter": ([tiny_model, "--adapter", str(tmp_path / "empty")], ["--adapter", "adapter_config.json"]),
+    }
+    results = run_many({name: ["-m", "minorpo.chat", *args, "--prompt", "hi"] for name, (args, _) in cases.items()})
+    for name, (_, needles) in cases.items():
+        one_line_error(results[name], *needles)
