@@ -1,10 +1,11 @@
 """Regenerate every number in README.md from real runs of today's code (needs only minorpo's dependencies).
 
-    python scripts/readme_numbers.py            # about 3 minutes on 2 CPU cores; rewrites README.md in place
+    python scripts/readme_numbers.py   # a few minutes on 2 CPU cores; rewrites README.md, docs/sft-vs-orpo.svg
 
 It runs the embedded default three ways (ORPO, SFT, ORPO with sequence-sum log-probs) into a temporary
 folder, reads their metrics.jsonl and wall times, and replaces the text between each pair of
-`<!-- numbers:NAME -->` and `<!-- /numbers:NAME -->` markers in README.md. Nothing else is edited.
+`<!-- numbers:NAME -->` and `<!-- /numbers:NAME -->` markers in README.md. Nothing else is edited. It also
+draws the ORPO and SFT runs into docs/sft-vs-orpo.svg, the picture the README shows.
 """
 import argparse
 import json
@@ -16,6 +17,8 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from minorpo import plot  # noqa: E402
 STEPS = (0, 100, 200, 300, 400)  # the presets' eval_every and max_steps
 
 
@@ -76,6 +79,8 @@ def main():
         orpo = run(out, "orpo")
         sft = run(out, "sft")
         orpo_sum = run(out, "orpo", "loss.logp_reduction=sum", "run_name=orpo-sum")
+        svg = plot.write_svg([os.path.join(out, "sft"), os.path.join(out, "orpo")],  # SFT blue, ORPO orange
+                             os.path.join(ROOT, "docs", "sft-vs-orpo.svg"))
     blocks = {"table": "\n" + table(orpo, sft) + "\n", "summary": summary(orpo, sft), "sum": sum_mode(orpo, orpo_sum),
               "time": f"{orpo[2]:.0f} s"}
     path = os.path.join(ROOT, "README.md")
@@ -89,7 +94,7 @@ def main():
     with open(path, "w") as f:
         f.write(text)
     print(json.dumps({k: v for k, v in blocks.items() if k != "table"}, indent=1))
-    print(f"README.md updated (OMP_NUM_THREADS={env_threads or 'unset'})")
+    print(f"README.md and {os.path.relpath(svg, ROOT)} updated (OMP_NUM_THREADS={env_threads or 'unset'})")
 
 
 if __name__ == "__main__":
