@@ -1,8 +1,7 @@
 """The preprocessor: JSONL rows in, token ids and labels out, one dict of int lists per row.
 
-    tokenizer = load_tokenizer("/ckpt/Qwen3-0.6B")
     rows = read_jsonl("pairs.jsonl", max_length=512)          # [("pairs.jsonl:1", {...}), ...]
-    examples, report = make_examples(rows, tokenizer, "prompted_preference", source="pairs.jsonl")
+    examples, report = make_examples(rows, load_tokenizer("/ckpt/Qwen3-0.6B"), "prompted_preference")
     # {"chosen_input_ids", "chosen_labels", "rejected_input_ids", "rejected_labels"}, sft {"input_ids", "labels"}
 
 Decisions (ids and labels built together, one segment at a time, as nanochat does):
@@ -69,8 +68,8 @@ def load_tokenizer(folder):
     try:
         return Tokenizer.from_file(path)
     except Exception as e:  # the tokenizers library raises a bare Exception for a file it cannot parse
-        reason = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
-        raise DataError(f"{path}: not a readable tokenizer ({reason}); copy it again from the model") from None
+        raise DataError(f"{path}: not a readable tokenizer ({(str(e) or repr(e)).splitlines()[0][:200]}); copy it "
+                        "again from the model") from None
 
 
 def _template_ids(tokenizer, template):
