@@ -161,8 +161,8 @@ def set_key(cfg, key, value, where):
     if isinstance(DEFAULTS.get(key), dict):
         raise ConfigError(f"{where}: `{key}` is a section: give its keys, like {key}.{next(iter(DEFAULTS[key]))}")
     if key not in keys:
-        close = difflib.get_close_matches(key, keys, n=1, cutoff=0.6)
-        raise ConfigError(f"{where}: unknown config key `{key}`;" +
+        close = difflib.get_close_matches(key[:100], keys, n=1, cutoff=0.6)
+        raise ConfigError(f"{where}: unknown config key `{key if len(key) <= 80 else key[:60] + '...'}`;" +
                           (f" did you mean `{close[0]}`?" if close else " `python train.py --help` lists them"))
     *sections, leaf = key.split(".")
     node = cfg
@@ -230,7 +230,7 @@ def load(path, overrides=()):
         set_key(cfg, key, value, path)
     for assignment in overrides:
         key, text = assignment.split("=", 1)
-        where = f"`{assignment}`" if len(assignment) <= 80 else f"`{key}=...`"
+        where = f"`{assignment}`" if len(assignment) <= 80 else f"`{assignment[:60]}...`"  # one short line
         set_key(cfg, key.strip(), parse_yaml(text, where), where)
     return validate(cfg, path + (" + overrides" if overrides else ""))
 

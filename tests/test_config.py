@@ -250,6 +250,12 @@ def test_a_huge_integer_is_not_an_integer_and_a_long_value_is_cut_short():
     assert len(str(e.value)) < 300
 
 
+def test_a_huge_unknown_key_is_named_in_one_short_line():
+    with pytest.raises(ConfigError, match=r"unknown config key `xxxx+\.\.\.`") as e:
+        config.load(ORPO, ["x" * 100000 + "=1"])
+    assert len(str(e.value)) < 300
+
+
 def test_help_lists_presets_and_every_key():
     text = config.help_text()
     assert "presets/orpo.yml" in text
