@@ -141,8 +141,8 @@ def get_lr(it):
 # 7. batches: a global micro-batch holds batch_size * world pairs; each rank collates its own slice
 if not model.packs:  # the Qwen3.5 hybrid's DeltaNet state cannot skip the chosen answer: it pads (packing.py)
     data_cfg["layout"] = "padded"  # and config.yml records the layout used
-collate = ((lambda exs: packing.pack(exs, pad_id, 2 * data_cfg["max_length"])) if data_cfg["layout"] == "packed"
-           else (lambda exs: batches.collate(exs, pad_id)))  # packed: rows of 2 * max_length (packing.pack says why)
+collate = ((lambda exs: packing.pack(exs, pad_id, packing.row_budget(exs, data_cfg["max_length"])))
+           if data_cfg["layout"] == "packed" else (lambda exs: batches.collate(exs, pad_id)))
 lengths = [batches.example_length(ex) for ex in train_set]  # a pair's longer row: sets the padded length
 real_tokens = [sum(len(ids) for ids, _ in batches.rows_of(ex)) for ex in train_set]  # all its rows
 eval_batches = [collate(eval_set[i:i + train_cfg["batch_size"]]) for i in range(0, len(eval_set), train_cfg["batch_size"])]

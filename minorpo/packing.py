@@ -37,18 +37,26 @@ def document(example):
     return ids, positions, branches
 
 
+def row_budget(examples, max_length):
+    """The tokens a packed row may hold: twice the batch's longest document, at most 2 * max_length.
+
+    Why: the mask is dense, so a row of L tokens costs L² in attention whatever the mask hides, and a
+    short last row pads up to L. Rows of two of the batch's documents pack it nearly without padding
+    (length-grouped batches hold similar lengths), while rows of 2 * max_length for short pairs cost
+    more than the padding they save (the embedded default, pairs of about 40 tokens, max_length 128:
+    rows of 256 were slower than padding). The cap keeps long pairs (a document is at most
+    2 * max_length: a prompt and two answers, each row cut to max_length) one a row."""
+    return min(2 * max(len(document(example)[0]) for example in examples), 2 * max_length)
+
+
 def pack(examples, pad_id, budget):
     """The packed batch of examples: {"input_ids", "position_ids", "doc", "branch"} (R, L) and
     {"labels", "index"} (2P, T) in the padded layout (P for sft), as collate's rows.
 
     Documents go into rows first-fit, longest first, each row holding at most `budget` tokens (a
-    document longer than the budget gets a row of its own); L is the fullest row's length. Padding has
-    doc -1. index[r, t] is the flat position (row * L + column) of token t of padded row r (0 on padding).
-
-    The budget: a pair's document is at most 2 * data.max_length tokens (a prompt and two answers, each
-    row of them cut to max_length), so train.py packs rows of 2 * max_length: the longest pair always
-    fits and a row holds two typical pairs. Longer rows would pack a little tighter but pay for it in
-    attention: the mask is dense, so a row of L tokens costs L² whatever the mask hides.
+    document longer than the budget gets a row of its own; row_budget chooses it); L is the fullest
+    row's length. Padding has doc -1. index[r, t] is the flat position (row * L + column) of token t of
+    padded row r (0 on padding).
     """
     docs = [document(example) for example in examples]
     rows, room = [], []  # rows: the example indices of each row; room: its free tokens
