@@ -21,7 +21,7 @@ import warnings
 warnings.filterwarnings("ignore", message="Failed to initialize NumPy")  # torch's note; minorpo needs no NumPy
 import torch  # noqa: E402
 
-from minorpo import lora, step  # noqa: E402
+from minorpo import batches, data, lora, packing, step, tiny  # noqa: E402
 from minorpo.loss import IGNORE_INDEX  # noqa: E402
 from minorpo.model import ModelConfig, Qwen  # noqa: E402
 from minorpo.qwen35 import Qwen35, Qwen35Config  # noqa: E402
@@ -40,6 +40,7 @@ SHAPES = {  # (model class, config); random weights, so nothing is downloaded
         vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, head_dim=16, rope_theta=1e6, max_position_embeddings=128, model_type="qwen3",
         tie_word_embeddings=True)),
+    "tiny-default": (Qwen, ModelConfig(**tiny.TINY_MODEL)),  # the embedded default's model (--data tiny)
     "tiny-qwen3.5": (Qwen35, Qwen35Config(  # 3 DeltaNet layers + 1 attention layer
         vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
         num_key_value_heads=2, head_dim=16, linear_num_key_heads=2, linear_num_value_heads=4,
@@ -51,31 +52,48 @@ LORA_TARGETS = dict(targets=["gate_proj", "up_proj", "down_proj"],  # all seven 
 DELTANET_TARGETS = ["in_proj_qkv", "in_proj_z", "out_proj"]  # Qwen3.5's linear-attention projections
 
 
-def protocol_batch(pairs, vocab_size, lo=32, hi=512, max_len=1024, seed=0):
-    """The protocol's batch: per pair, lengths (prompt, chosen, rejected) then the ids in that order,
-    from one seeded generator; rows are prompt+chosen (all pairs) then prompt+rejected, right-padded."""
+def protocol_examples(pairs, vocab_size, lo=32, hi=512, max_len=1024, seed=0):
+    """The protocol's pairs: per pair, lengths (prompt, chosen, rejected) then the ids in that order,
+    from one seeded generator; each row prompt+answer cut to max_len, the prompt unlabelled."""
     g = torch.Generator().manual_seed(seed)
-    triples = []
+    examples = []
     for _ in range(pairs):
         lengths = [int(torch.randint(lo, hi + 1, (1,), generator=g)) for _ in range(3)]
-        triples.append([torch.randint(0, vocab_size, (n,), generator=g) for n in lengths])
-    rows = [(p, c) for p, c, _ in triples] + [(p, r) for p, _, r in triples]
-    seqs = [torch.cat([p, y])[:max_len] for p, y in rows]
-    input_ids = torch.zeros(len(seqs), max(len(s) for s in seqs), dtype=torch.long)
-    labels = torch.full_like(input_ids, IGNORE_INDEX)
-    for i, ((p, _), s) in enumerate(zip(rows, seqs)):
-        input_ids[i, :len(s)] = s
-        labels[i, len(p):len(s)] = s[len(p):]
-    return {"input_ids": input_ids, "labels": labels}, sum(len(s) for s in seqs)
+        p, c, r = [torch.randint(0, vocab_size, (n,), generator=g).tolist() for n in lengths]
+        example = {}
+        for side, answer in (("chosen", c), ("rejected", r)):
+            example[f"{side}_input_ids"] = (p + answer)[:max_len]
+            example[f"{side}_labels"] = ([IGNORE_INDEX] * len(p) + answer)[:max_len]
+        examples.append(example)
+    return examples
 
 
-def batch_for(shape, pairs):
-    """The protocol batch for a shape: 32-512 tokens per part (8-32 for tiny shapes, a CPU check)."""
-    lo, hi, max_len = (8, 32, 64) if shape.startswith("tiny") else (32, 512, 1024)
-    return protocol_batch(pairs, SHAPES[shape][1].vocab_size, lo, hi, max_len)
+def embedded_examples(batch_size=16, max_length=128, max_prompt_length=64):
+    """The embedded default's micro-batches (presets/orpo.yml: tiny data, 16 pairs, max_length 128) in
+    epoch 0's order, tokenized as train.py does."""
+    tokenizer = tiny.build_tokenizer()
+    rows = [(f"tiny:{i + 1}", row) for i, row in enumerate(tiny.make_pairs(2000))]
+    examples, _ = data.make_examples(rows, tokenizer, "prompted_preference", max_length=max_length,
+                                     max_prompt_length=max_prompt_length)
+    order = batches.batch_order([batches.example_length(e) for e in examples], batch_size, seed=0, epoch=0)
+    return [[examples[i] for i in idx] for idx in order], max_length
 
 
-def run(shape, kind, pairs, compile_layers, grad_ckpt, chunk_size, steps, warmup, layout="padded"):
+def batches_for(shape, pairs, layout, data_name):
+    """The micro-batches a step cycles through, in the layout, and (real tokens, max_length): the protocol
+    batch (32-512 tokens per part, 8-32 for tiny shapes: a CPU check) or the embedded default's batches."""
+    if data_name == "tiny":
+        groups, max_len = embedded_examples()
+    else:
+        lo, hi, max_len = (8, 32, 64) if shape.startswith("tiny") else (32, 512, 1024)
+        groups = [protocol_examples(pairs, SHAPES[shape][1].vocab_size, lo, hi, max_len)]
+    pad = (lambda exs: packing.pack(exs, 0, packing.row_budget(exs, max_len))) if layout == "packed" else \
+        (lambda exs: batches.collate(exs, 0))
+    real = [sum(len(ids) for e in exs for ids, _ in batches.rows_of(e)) for exs in groups]  # both rows of a pair
+    return [pad(exs) for exs in groups], real
+
+
+def run(shape, kind, pairs, compile_layers, grad_ckpt, chunk_size, steps, warmup, layout="padded", data_name=None):
     """Time `steps` optimizer steps after `warmup` untimed ones (compilation, allocator warm-up); returns
     the JSON row. Peak memory is read over the timed steps only (the statistics are reset after warm-up)."""
     on_cuda = torch.cuda.is_available() and not shape.startswith("tiny")
@@ -101,9 +119,11 @@ def run(shape, kind, pairs, compile_layers, grad_ckpt, chunk_size, steps, warmup
     policy = step.Policy(model, chunk_size)
     optimizer = step.adamw(trained, lr=1e-5, weight_decay=0.0, fused=on_cuda)
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if on_cuda else contextlib.nullcontext
-    batch, real_tokens = batch_for(shape, pairs)
-    times, metrics = [], {}
+    layout = layout if model.packs else "padded"  # the Qwen3.5 hybrid cannot be packed (minorpo/packing.py)
+    micro_batches, reals = batches_for(shape, pairs, layout, data_name)
+    times, metrics, tokens, real_tokens = [], {}, [], []
     for i in range(warmup + steps):
+        batch = micro_batches[i % len(micro_batches)]  # the protocol batch; the embedded default's in order
         if on_cuda and i == warmup:
             torch.cuda.reset_peak_memory_stats()
         if on_cuda:
@@ -114,10 +134,14 @@ def run(shape, kind, pairs, compile_layers, grad_ckpt, chunk_size, steps, warmup
             torch.cuda.synchronize()  # kernels run asynchronously: wait for them before reading the clock
         if i >= warmup:
             times.append(time.perf_counter() - start)
-    step_s = statistics.median(times)
+            tokens.append(batch["input_ids"].numel())
+            real_tokens.append(reals[i % len(micro_batches)])
+    step_s, real_tokens = statistics.median(times), round(statistics.mean(real_tokens))
+    pairs = len(batch["labels"]) // 2  # --data tiny: the preset's batch_size
     return dict(name=f"minorpo_{kind}{'_compile' if compile_layers else ''}{'_gc' if grad_ckpt else ''}",
-                shape=shape, layout=layout, pairs=pairs, step_ms=round(step_s * 1e3, 2), step_s=round(step_s, 5),
-                real_tokens=real_tokens, tokens_processed=batch["input_ids"].numel(),
+                shape=shape, layout=layout, data=data_name or "protocol", pairs=pairs,
+                step_ms=round(step_s * 1e3, 2), step_s=round(step_s, 5),
+                real_tokens=real_tokens, tokens_processed=round(statistics.mean(tokens)),
                 real_tok_per_s=round(real_tokens / step_s), pairs_per_s=round(pairs / step_s, 2),
                 peak_gb=round(torch.cuda.max_memory_allocated() / 2**30, 2) if on_cuda else None,
                 loss=round(metrics["total_loss"], 4), trainable_params=sum(p.numel() for p in trained.values()),
@@ -135,17 +159,19 @@ def main():
     ap.add_argument("--compile", choices=["auto", "on", "off"], default="auto", help="auto: on for CUDA")
     ap.add_argument("--grad-ckpt", choices=["on", "off"], default="off")
     ap.add_argument("--chunk-size", type=int, default=4096, help="response tokens per output-head chunk")
-    ap.add_argument("--layout", choices=["padded"], default="padded",
-                    help="how pairs are laid out in the batch: right-padded rows (the only layout so far)")
+    ap.add_argument("--layout", choices=["packed", "padded"], default="packed",
+                    help="packed: each prompt once, pairs share rows (minorpo/packing.py) | padded: a row per answer")
+    ap.add_argument("--data", choices=["protocol", "tiny"], default="protocol",
+                    help="protocol: the fixed synthetic batch | tiny: the embedded default's micro-batches (with --tiny)")
     a = ap.parse_args()
-    shape = "tiny" if a.tiny else a.shape
+    shape = "tiny-default" if a.data == "tiny" else "tiny" if a.tiny else a.shape
     if not shape.startswith("tiny") and not torch.cuda.is_available():
         sys.exit(f"bench.py: no CUDA device; the {shape} benchmark needs a GPU. "
                  "On the CPU, run `python bench.py --tiny` (tiny shapes: checks that it runs)")
     use_compile = a.compile == "on" or (a.compile == "auto" and not shape.startswith("tiny"))
     for kind in a.configs.split(","):
         print(json.dumps(run(shape, kind, a.pairs, use_compile, a.grad_ckpt == "on", a.chunk_size,
-                             a.steps, a.warmup, a.layout)), flush=True)
+                             a.steps, a.warmup, a.layout, a.data if a.data == "tiny" else None)), flush=True)
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 

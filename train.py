@@ -21,7 +21,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 from torch.nn.parallel import DistributedDataParallel as DDP  # noqa: E402
 
-from minorpo import batches, checkpoint, config, data, files, lora, loss, plot, runs, state, step, tiny  # noqa: E402
+from minorpo import batches, checkpoint, config, data, files, lora, loss, packing, plot, runs, state, step, tiny  # noqa: E402
 
 # -----------------------------------------------------------------------------
 # 1. config: a preset plus key=value overrides. A mistake in anything the user gives ends in one line.
@@ -139,10 +139,13 @@ def get_lr(it):
 
 
 # 7. batches: a global micro-batch holds batch_size * world pairs; each rank collates its own slice
+if not model.packs:  # the Qwen3.5 hybrid's DeltaNet state cannot skip the chosen answer: it pads (packing.py)
+    data_cfg["layout"] = "padded"  # and config.yml records the layout used
+collate = ((lambda exs: packing.pack(exs, pad_id, packing.row_budget(exs, data_cfg["max_length"])))
+           if data_cfg["layout"] == "packed" else (lambda exs: batches.collate(exs, pad_id)))
 lengths = [batches.example_length(ex) for ex in train_set]  # a pair's longer row: sets the padded length
 real_tokens = [sum(len(ids) for ids, _ in batches.rows_of(ex)) for ex in train_set]  # all its rows
-eval_batches = [batches.collate(eval_set[i:i + train_cfg["batch_size"]], pad_id)
-                for i in range(0, len(eval_set), train_cfg["batch_size"])]
+eval_batches = [collate(eval_set[i:i + train_cfg["batch_size"]]) for i in range(0, len(eval_set), train_cfg["batch_size"])]
 
 
 def show_samples(title):
@@ -200,12 +203,10 @@ if train_cfg["resume_from"]:
     for line in metrics_log.keep_up_to(it):
         log(line)
     log(f"[resume] {train_cfg['resume_from']}: continuing at step {it} of {train_cfg['max_steps']}")
-if master:
-    config.save(cfg, run_dir)  # after the resume checks: config.yml never records a refused setting
+config.save(cfg, run_dir) if master else None  # after the resume checks: config.yml never records a refused setting
 phase = lora.phase_at(train_cfg["phases"], it)
 n_train, n_total = lora.set_trainable(model, phase)
-log(f"[model] {model_dir}: training {phase}: {n_train:,} of {n_total:,} parameters "
-    f"({100 * n_train / n_total:.2f}%)")
+log(f"[model] {model_dir}: training {phase}: {n_train:,} of {n_total:,} parameters ({100 * n_train / n_total:.2f}%)")
 if master and it == 0 and (eval_set or sample_cfg["prompts"]):
     show_samples("before training")
 if master and it == 0 and eval_set and train_cfg["eval_every"]:  # the starting point of the eval curves
@@ -232,7 +233,7 @@ while it < train_cfg["max_steps"]:
         epoch, position = epoch + 1, 0
         order = batch_order(epoch)
     step_idx = order[position:position + train_cfg["grad_accum_steps"]]
-    micro_batches = [batches.collate([train_set[j] for j in idx[rank::world]], pad_id) for idx in step_idx]
+    micro_batches = [collate([train_set[j] for j in idx[rank::world]]) for idx in step_idx]
     position += train_cfg["grad_accum_steps"]
     torch.manual_seed(cfg["seed"] * 1_000_003 + it * 1009 + rank)  # dropout masks: a function of (seed, step, rank)
     lr = get_lr(it)

@@ -33,7 +33,7 @@ DEFAULTS = {
     "precision": "auto",
     "data": {"path": "tiny", "format": "raw", "task": "prompted_preference", "template": "chatml",
              "max_length": 512, "max_prompt_length": 256, "eval_fraction": 0.05, "eval_path": None,
-             "group_by_length": True},
+             "group_by_length": True, "layout": "packed"},
     "training": {"type": "orpo", "orpo_lambda": None, "learning_rate": 5e-5, "min_lr_ratio": 0.1,
                  "warmup_steps": 10, "max_steps": 100, "batch_size": 8, "grad_accum_steps": 1,
                  "weight_decay": 0.0, "max_grad_norm": 1.0,
@@ -47,7 +47,7 @@ DEFAULTS = {
 }
 CHOICES = {"device": ("auto", "cpu", "cuda"), "precision": ("auto", "fp32", "bf16"),
            "data.format": ("raw", "processed"), "data.task": ("sft", "preference", "prompted_preference"),
-           "data.template": ("chatml", "raw"), "training.type": ("sft", "orpo"),
+           "data.template": ("chatml", "raw"), "data.layout": ("packed", "padded"), "training.type": ("sft", "orpo"),
            "training.compile": ("auto", "on", "off"), "loss.logp_reduction": ("mean", "sum")}
 BIG = 10**9
 RANGES = {  # interval notation: [ and ] include the bound, ( and ) exclude it

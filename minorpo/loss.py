@@ -227,15 +227,19 @@ class _ChunkedHead(torch.autograd.Function):
         return grad_hidden, grad_weight, None, None
 
 
-def chunked_label_logps(hidden, head_weight, labels, chunk_size=4096):
+def chunked_label_logps(hidden, head_weight, labels, chunk_size=4096, index=None):
     """label_logps(hidden @ head_weight.T, labels), computing the head only where a label is set.
 
     hidden (N, T, H) final hidden states, head_weight (V, H), labels (N, T). Returns what label_logps
     returns: logps (N, T-1), at least fp32, 0 where ignored, and mask (N, T-1) bool. Gradients reach
-    hidden, and head_weight when head_weight.requires_grad.
+    hidden, and head_weight when head_weight.requires_grad. The packed layout (minorpo/packing.py):
+    hidden is (R, L, H) and index (N, T) names the flat position in it of each token of labels' layout.
     """
     labels = labels[:, 1:]  # (N, T-1)
     mask = labels != IGNORE_INDEX
-    hidden_rows = hidden[:, :-1][mask]  # (M, H), M = number of label tokens
+    if index is None:
+        hidden_rows = hidden[:, :-1][mask]  # (M, H), M = number of label tokens
+    else:  # each label token is predicted from its predecessor in its own branch: index[:, :-1]
+        hidden_rows = hidden.flatten(0, 1)[index[:, :-1][mask]]  # (M, H)
     logps = _ChunkedHead.apply(hidden_rows, head_weight, labels[mask], chunk_size)  # (M,)
     return logps.new_zeros(mask.shape).masked_scatter(mask, logps), mask

@@ -21,7 +21,7 @@ Decisions:
   LoRA replaces by name. The RoPE tables are non-persistent buffers, not checkpoint tensors.
 - Attention is F.scaled_dot_product_attention(is_causal=True) with no mask. With right padding this is
   exact for every real token (it attends only to earlier positions, all real) and keeps the fused kernels;
-  pad positions are masked out of the loss, not out of attention.
+  pad positions are masked out of the loss, not out of attention. Packing passes a mask (packing.py).
 - `hidden_states()` returns the final-normed states; the loss applies `lm_head` to response tokens only,
   as (T, vocab) logits are training's largest tensor. `forward()` gives all logits, for tests.
 - RMSNorm is computed in fp32 and cast back before the gain, as the reference does; it matters in bf16.
@@ -119,9 +119,12 @@ def apply_rope(x, cos, sin):
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
 
 
-def causal_attention(q, k, v, cache=None, layer_idx=0):
-    """y = softmax(q·kᵀ / √hd + causal mask) · v for q (B, nh, T, hd), k and v (B, nkv, T, hd); each group
-    of nh / nkv query heads shares one k/v head. With a cache, k and v are appended to it first."""
+def causal_attention(q, k, v, cache=None, layer_idx=0, attn_mask=None):
+    """y = softmax(q·kᵀ / √hd + mask) · v for q (B, nh, T, hd), k and v (B, nkv, T, hd); each group of
+    nh / nkv query heads shares one k/v head. The mask is causal, or attn_mask (B, 1, T, T) bool in the
+    packed layout (packing.py). With a cache, k and v are appended to it first."""
+    if attn_mask is not None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, enable_gqa=True)
     if cache is None:  # right padding needs no mask (module docstring)
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
     T = q.size(2)
@@ -146,14 +149,14 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else nn.Identity()
         self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else nn.Identity()
 
-    def forward(self, x, cos, sin, cache=None):
+    def forward(self, x, cos, sin, cache=None, attn_mask=None):
         B, T, _ = x.shape
         nh, nkv, hd = self.n_head, self.n_kv_head, self.head_dim
         q = self.q_norm(self.q_proj(x).view(B, T, nh, hd)).transpose(1, 2)  # (B, nh, T, hd)
         k = self.k_norm(self.k_proj(x).view(B, T, nkv, hd)).transpose(1, 2)  # (B, nkv, T, hd)
         v = self.v_proj(x).view(B, T, nkv, hd).transpose(1, 2)  # (B, nkv, T, hd)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        y = causal_attention(q, k, v, cache, self.layer_idx)  # (B, nh, T, hd)
+        y = causal_attention(q, k, v, cache, self.layer_idx, attn_mask)  # (B, nh, T, hd)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, nh * hd))  # (B, T, H)
 
 
@@ -177,8 +180,8 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x, cos, sin, cache=None):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache)  # pre-norm residual blocks
+    def forward(self, x, cos, sin, cache=None, attn_mask=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, attn_mask)  # pre-norm residual blocks
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -230,6 +233,7 @@ class Qwen(nn.Module):
     """A Qwen2/Qwen3 causal LM. Qwen(config, seed) is initialised by init_weights(seed).
     The Qwen3.5 hybrid (qwen35.py) is this class with other layers, final norm, cache and initialisation."""
     layer_class, norm_class, cache_class = DecoderLayer, RMSNorm, KVCache
+    packs = True  # takes the packed layout (packing.py); the hybrid's recurrent state cannot
     init_weights = staticmethod(init_weights)
 
     def __init__(self, config, seed=0):
@@ -250,20 +254,22 @@ class Qwen(nn.Module):
         if not self.lm_head.weight.is_meta:  # checkpoint loading builds on "meta": nothing to initialise
             self.init_weights(self, seed)
 
-    def hidden_states(self, input_ids, cache=None):
-        """Final-normed hidden states (B, T, H) for input_ids (B, T). With a cache, input_ids continue the
-        cached positions, and every layer's cache entry is advanced past them."""
+    def hidden_states(self, input_ids, cache=None, position_ids=None, attn_mask=None):
+        """Final-normed hidden states (B, T, H) for input_ids (B, T); with a cache, input_ids continue the
+        cached positions (each layer's entry advances). position_ids (B, T), attn_mask (B, 1, T, T): packing.py."""
         B, T = input_ids.shape
         start = 0 if cache is None else cache.length
-        if start + T > self.rope_cos.size(0):
+        if position_ids is None and start + T > self.rope_cos.size(0):
             raise ValueError(f"{start + T} positions exceed max_position_embeddings ({self.rope_cos.size(0)})")
-        cos, sin = self.rope_cos[start:start + T], self.rope_sin[start:start + T]  # (T, rotary_dim / 2)
+        positions = slice(start, start + T) if position_ids is None else position_ids[:, None]  # packed: (B, 1, T)
+        cos, sin = self.rope_cos[positions], self.rope_sin[positions]  # (T, rotary_dim / 2) or (B, 1, T, ...)
+        mask = () if attn_mask is None else (attn_mask,)  # the hybrid's layers take no mask
         x = self.model.embed_tokens(input_ids)  # (B, T, H)
         for layer in self.model.layers:
             if self.gradient_checkpointing and self.training and cache is None:
-                x = checkpoint(layer, x, cos, sin, use_reentrant=False)  # keeps only x; backward recomputes
+                x = checkpoint(layer, x, cos, sin, None, *mask, use_reentrant=False)  # backward recomputes
             else:
-                x = layer(x, cos, sin, cache)
+                x = layer(x, cos, sin, cache, *mask)
         if cache is not None:
             cache.length += T
         return self.model.norm(x)

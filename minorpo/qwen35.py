@@ -211,4 +211,5 @@ class Qwen35(Qwen):
     """A Qwen3.5 dense causal LM (text): Qwen's embedding, head, forward and cached generation around
     hybrid layers, the (1 + w) final norm, a hybrid cache and its own initialisation (init_weights above)."""
     layer_class, norm_class, cache_class = HybridDecoderLayer, CenteredRMSNorm, HybridCache
+    packs = False  # a DeltaNet state runs through every earlier token: it cannot skip the chosen answer
     init_weights = staticmethod(init_weights)

@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from minorpo import loss
+from minorpo import loss, packing
 
 
 class Policy(nn.Module):
@@ -35,9 +35,15 @@ class Policy(nn.Module):
         super().__init__()
         self.model, self.chunk_size = model, chunk_size
 
-    def forward(self, input_ids, labels):
-        hidden = self.model.hidden_states(input_ids)  # (N, T, H)
-        return loss.chunked_label_logps(hidden, self.model.lm_head.weight, labels, self.chunk_size)
+    def forward(self, input_ids, labels, position_ids=None, doc=None, branch=None, index=None):
+        """The padded layout (input_ids (N, T)), or the packed one (input_ids (R, L) and the rest, from
+        packing.pack); either way the label log-probs and mask come back in the padded layout (N, T-1)."""
+        if doc is None:
+            hidden = self.model.hidden_states(input_ids)  # (N, T, H)
+        else:
+            mask = packing.attention_mask(doc, branch)  # (R, 1, L, L): built once, shared by every layer
+            hidden = self.model.hidden_states(input_ids, position_ids=position_ids, attn_mask=mask)  # (R, L, H)
+        return loss.chunked_label_logps(hidden, self.model.lm_head.weight, labels, self.chunk_size, index)
 
 
 def adamw(trained, lr, weight_decay, fused):
@@ -77,7 +83,7 @@ def train_step(policy, optimizer, micro_batches, objective, orpo_lambda=None, re
         with contextlib.nullcontext() if last or not hasattr(policy, "no_sync") else policy.no_sync():
             with autocast():
                 # forward: log-probs of the label tokens and their mask, (N, T-1) each
-                token_logps, mask = policy(batch["input_ids"].to(device), batch["labels"].to(device))
+                token_logps, mask = policy(**{name: t.to(device) for name, t in batch.items()})
                 # loss, normalised by the whole batch's counts
                 step_loss, metrics = (loss.orpo_loss(token_logps, mask, orpo_lambda, reduction, num_tokens, num_pairs)
                                       if objective == "orpo" else loss.sft_loss(token_logps, mask, num_tokens))
@@ -108,7 +114,7 @@ def evaluate(policy, batches, objective, orpo_lambda=None, reduction="mean", aut
     sums = {}
     for batch in batches:
         with autocast():
-            token_logps, mask = policy(batch["input_ids"].to(device), batch["labels"].to(device))
+            token_logps, mask = policy(**{name: t.to(device) for name, t in batch.items()})
             _, metrics = (loss.orpo_loss(token_logps, mask, orpo_lambda, reduction, num_tokens, num_pairs)
                           if objective == "orpo" else loss.sft_loss(token_logps, mask, num_tokens))
         sums = {name: sums.get(name, 0.0) + float(value) for name, value in metrics.items()}
