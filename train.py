@@ -21,7 +21,8 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 from torch.nn.parallel import DistributedDataParallel as DDP  # noqa: E402
 
-from minorpo import batches, checkpoint, config, data, files, lora, loss, packing, plot, runs, state, step, tiny  # noqa: E402
+from minorpo import (batches, checkpoint, config, data, files, lora, loss, packing, plot, runs, state,  # noqa: E402
+                     step, tiny)
 
 # -----------------------------------------------------------------------------
 # 1. config: a preset plus key=value overrides. A mistake in anything the user gives ends in one line.
@@ -67,10 +68,8 @@ if cfg["loss"]["logp_reduction"] == "sum" and objective == "orpo":
     log(f"[warning] {loss.LOGP_SUM_WARNING}")
 
 # 3. the run folder (never reused for a new run: minorpo/runs.py), tokenizer and data
-if cfg["model_name"] == "tiny":  # the embedded demo model: built once, then loaded like any checkpoint
-    model_dir = tiny.ensure_model(os.path.join(cfg["output_dir"], "tiny-model"), build=master)
-else:
-    model_dir = checkpoint.resolve(cfg["model_name"])
+model_dir = (tiny.ensure_model(os.path.join(cfg["output_dir"], "tiny-model"), build=master)  # the embedded demo
+             if cfg["model_name"] == "tiny" else checkpoint.resolve(cfg["model_name"]))  # model, or a checkpoint
 data_path = data_cfg["path"]
 if data_path == "tiny":  # the embedded synthetic preference pairs
     data_path = tiny.ensure_pairs(os.path.join(cfg["output_dir"], "tiny-data", "pairs.jsonl"), build=master)
@@ -141,11 +140,11 @@ def get_lr(it):
 # 7. batches: a global micro-batch holds batch_size * world pairs; each rank collates its own slice
 if not model.packs:  # the Qwen3.5 hybrid's DeltaNet state cannot skip the chosen answer: it pads (packing.py)
     data_cfg["layout"] = "padded"  # and config.yml records the layout used
-collate = ((lambda exs: packing.pack(exs, pad_id, packing.row_budget(exs, data_cfg["max_length"])))
-           if data_cfg["layout"] == "packed" else (lambda exs: batches.collate(exs, pad_id)))
+collate = packing.collate_for(data_cfg["layout"], pad_id, data_cfg["max_length"])  # a list of examples -> a batch
 lengths = [batches.example_length(ex) for ex in train_set]  # a pair's longer row: sets the padded length
 real_tokens = [sum(len(ids) for ids, _ in batches.rows_of(ex)) for ex in train_set]  # all its rows
-eval_batches = [collate(eval_set[i:i + train_cfg["batch_size"]]) for i in range(0, len(eval_set), train_cfg["batch_size"])]
+eval_batches = [collate(eval_set[i:i + train_cfg["batch_size"]])
+                for i in range(0, len(eval_set), train_cfg["batch_size"])]
 
 
 def show_samples(title):
@@ -170,8 +169,7 @@ def run_eval():  # pairs are scored as ORPO scores them; an SFT run's total is i
     return {f"eval/{k}": v for k, v in metrics.items()}
 
 
-def check_finite(what):
-    """Stop before saving a non-finite weight, naming the last good checkpoint."""
+def check_finite(what):  # stop before saving a non-finite weight, naming the last good checkpoint
     bad = next((name for name, p in trained.items() if not torch.isfinite(p).all()), None)
     if bad:
         sys.exit(f"error: {bad} holds NaN or inf at step {it}; {what} not written. The last good checkpoint is "
@@ -220,8 +218,7 @@ order = batch_order(epoch)
 if not order:
     raise data.DataError(f"{len(train_set)} training examples cannot give each of {world} ranks a pair")
 if position > len(order):  # only a damaged or hand-edited state.json says so
-    raise files.UserError(f"{last_saved}/state.json: position {position} is past the epoch's {len(order)} batches; "
-                          f"{state.FIX}")
+    raise files.UserError(f"{last_saved}/state.json: position {position} past the {len(order)} batches; {state.FIX}")
 stop = runs.CtrlC()  # the first Ctrl-C asks the loop to finish its step, save, and say how to resume
 t_start, start_it = time.time(), it
 while it < train_cfg["max_steps"]:

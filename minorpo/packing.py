@@ -37,6 +37,13 @@ def document(example):
     return ids, positions, branches
 
 
+def collate_for(layout, pad_id, max_length):
+    """The micro-batch builder for data.layout: pack (rows sized by row_budget) or batches.collate."""
+    if layout == "packed":
+        return lambda examples: pack(examples, pad_id, row_budget(examples, max_length))
+    return lambda examples: collate(examples, pad_id)
+
+
 def row_budget(examples, max_length):
     """The tokens a packed row may hold: twice the batch's longest document, at most 2 * max_length.
 
