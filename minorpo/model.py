@@ -190,8 +190,7 @@ class KVCache:
 
     def __init__(self, cfg, batch_size, max_len, dtype, device):
         shape = (cfg.num_hidden_layers, batch_size, cfg.num_key_value_heads, max_len, cfg.head_dim)
-        self.keys = torch.zeros(shape, dtype=dtype, device=device)
-        self.values = torch.zeros(shape, dtype=dtype, device=device)
+        self.keys, self.values = (torch.zeros(shape, dtype=dtype, device=device) for _ in "kv")
         self.length = 0  # advanced by Qwen.hidden_states once every layer has stored its keys
 
     def update(self, layer_idx, k, v):
@@ -240,12 +239,13 @@ class Qwen(nn.Module):
         super().__init__()
         self.config = config
         self.gradient_checkpointing = False  # recompute each layer in backward: less memory, ~1/3 more time
-        self.model = nn.ModuleDict(dict(
-            embed_tokens=nn.Embedding(config.vocab_size, config.hidden_size),
+        V, H = config.vocab_size, config.hidden_size
+        self.model = nn.ModuleDict(dict(  # the embedding starts empty (_weight) for init_weights: its own N(0, 1)
+            embed_tokens=nn.Embedding(V, H, _weight=torch.empty(V, H)),  # on "meta" imports torch._dynamo, 2+ s
             layers=nn.ModuleList(self.layer_class(config, i) for i in range(config.num_hidden_layers)),
             norm=self.norm_class(config.hidden_size, config.rms_norm_eps),
         ))
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = nn.Linear(H, V, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight  # one matrix: embeds tokens and scores them
         cos, sin = rope_tables(config.rotary_dim, config.rope_theta, config.max_position_embeddings)
