@@ -52,12 +52,15 @@ def table(orpo, sft):
 
 def summary(orpo, sft):
     o, s = orpo[0][STEPS[-1]], sft[0][STEPS[-1]]
-    peak = max(sft[0][step]["eval/rejected_logps"] for step in STEPS)
+    peak_step = max(STEPS, key=lambda step: sft[0][step]["eval/rejected_logps"])
+    peak = sft[0][peak_step]["eval/rejected_logps"]
+    rise = (f"to {peak:.2f} at step {peak_step}, their highest, because most of their tokens are the chosen "
+            f"answer's; they end at {s['eval/rejected_logps']:.2f}" if peak_step != STEPS[-1] else
+            f"to {peak:.2f} by step {peak_step}, still rising, because most of their tokens are the chosen answer's")
     sample = re.findall(r"\[sample\] after training\n((?:  .*\n)+)", orpo[3])
     example = sample[0].splitlines()[-1].strip() if sample else ""
-    return (f"SFT lifts the rejected answers from {sft[0][0]['eval/rejected_logps']:.2f} (a random model) to "
-            f"{peak:.2f} at their highest, because most of their tokens are the chosen answer's; they end at "
-            f"{s['eval/rejected_logps']:.2f}. Under ORPO they end at {o['eval/rejected_logps']:.2f}, with the chosen "
+    return (f"SFT lifts the rejected answers from {sft[0][0]['eval/rejected_logps']:.2f} (a random model) {rise}. "
+            f"Under ORPO they end at {o['eval/rejected_logps']:.2f}, with the chosen "
             f"answers at {o['eval/chosen_logps']:.3f} (SFT: {s['eval/chosen_logps']:.3f}) and a held-out preference "
             f"accuracy of {o['eval/pref_accuracy']:.3f}. ORPO's run takes {orpo[2] / sft[2]:.2f} times SFT's: it "
             f"runs the rejected rows too. A sample after ORPO training: `{example}`.")
