@@ -68,11 +68,40 @@ def summary(orpo, sft):
 
 def sum_mode(orpo, orpo_sum):
     last = max(orpo_sum[1])
+    summed, mean = orpo_sum[1][last], orpo[1][last]
     zero = min((step for step, r in orpo_sum[1].items()
                 if all(orpo_sum[1][k]["train/orpo_loss"] < 5e-5 for k in orpo_sum[1] if k >= step)), default=None)
-    return (f"the log odds ratio climbs to {orpo_sum[1][last]['train/log_odds']:+.2f} "
-            f"({orpo[1][last]['train/log_odds']:+.2f} with the mean) and L_OR prints as 0.0000 "
-            + (f"from step {zero} on" if zero is not None else "at no logged step"))
+    return (f"by step {last} the log odds ratio is {summed['train/log_odds']:+.2f} ({mean['train/log_odds']:+.2f} with "
+            f"the mean) and L_OR is {summed['train/orpo_loss']:.1e} ({mean['train/orpo_loss']:.3f} with the mean), "
+            "too little gradient to keep pushing the answers apart"
+            + (f"; it prints as 0.0000 from step {zero} on" if zero is not None else ""))
+
+
+def bench(*args):
+    """The JSON line bench.py prints for args, run with one CPU thread (steadier timings on a shared machine)."""
+    p = subprocess.run([sys.executable, "bench.py", *args], cwd=ROOT, capture_output=True, text=True,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    if p.returncode:
+        sys.exit(f"bench.py {' '.join(args)} failed:\n{p.stderr[-2000:]}")
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def packing():
+    """Tokens processed and CPU step time, packed against padded, on two batches (bench.py)."""
+    lines = ["| batch (bench.py arguments) | layout | tokens processed a step | real tokens | CPU step |",
+             "|---|---|---|---|---|"]
+    for label, args in (("the embedded default's (`--data tiny --configs full`)", ["--data", "tiny", "--configs",
+                                                                                  "full", "--steps", "40"]),
+                        ("8 protocol pairs, tiny shapes (`--tiny --configs lora`)", ["--tiny", "--configs", "lora",
+                                                                                    "--steps", "20"])):
+        rows = {layout: bench(*args, "--layout", layout) for layout in ("padded", "packed")}
+        for layout, row in rows.items():
+            lines.append(f"| {label} | {layout} | {row['tokens_processed']:,} | {row['real_tokens']:,} | "
+                         f"{row['step_ms']:.0f} ms |")
+        packed, padded = rows["packed"], rows["padded"]
+        lines.append(f"| | packed / padded | {packed['tokens_processed'] / padded['tokens_processed']:.2f} | | "
+                     f"{packed['step_ms'] / padded['step_ms']:.2f} |")
+    return "\n" + "\n".join(lines) + "\n"
 
 
 def main():
@@ -82,10 +111,11 @@ def main():
         orpo = run(out, "orpo")
         sft = run(out, "sft")
         orpo_sum = run(out, "orpo", "loss.logp_reduction=sum", "run_name=orpo-sum")
+        packed = packing()
         svg = plot.write_svg([os.path.join(out, "sft"), os.path.join(out, "orpo")],  # SFT blue, ORPO orange
                              os.path.join(ROOT, "docs", "sft-vs-orpo.svg"))
     blocks = {"table": "\n" + table(orpo, sft) + "\n", "summary": summary(orpo, sft), "sum": sum_mode(orpo, orpo_sum),
-              "time": f"{orpo[2]:.0f} s"}
+              "time": f"{orpo[2]:.0f} s", "packing": packed}
     path = os.path.join(ROOT, "README.md")
     with open(path) as f:
         text = f.read()
@@ -96,7 +126,7 @@ def main():
         text = pattern.sub(lambda m: m.group(1) + body + m.group(2), text)
     with open(path, "w") as f:
         f.write(text)
-    print(json.dumps({k: v for k, v in blocks.items() if k != "table"}, indent=1))
+    print(json.dumps({k: v for k, v in blocks.items() if k not in ("table", "packing")}, indent=1) + packed)
     print(f"README.md and {os.path.relpath(svg, ROOT)} updated (OMP_NUM_THREADS={env_threads or 'unset'})")
 
 
