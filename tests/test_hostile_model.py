@@ -35,27 +35,26 @@ def contents(folder):
     return found
 
 
-def train(run_limited, shared, tmp_path, model_name, *settings, max_steps=2):
-    return run_limited(["train.py", "presets/orpo.yml", f"model_name={model_name}", f"output_dir={tmp_path / 'out'}",
-                        f"data.path={shared[1]}", f"training.max_steps={max_steps}", *RUN, *settings])
+def train_args(shared, folder, model_name, *settings, max_steps=2):
+    """train.py's arguments for a run under folder/out on model_name with the shared pairs."""
+    return ["train.py", "presets/orpo.yml", f"model_name={model_name}", f"output_dir={folder / 'out'}",
+            f"data.path={shared[1]}", f"training.max_steps={max_steps}", *RUN, *settings]
 
 
-def refused(run_limited, one_line_error, shared, tmp_path, model_name, *needles):
-    """Run train.py on model_name under tmp_path; assert a one-line error naming every needle and that
-    nothing under tmp_path changed except the new run folder tmp_path/out (which holds no final/)."""
-    before = contents(tmp_path)
-    p = train(run_limited, shared, tmp_path, model_name)
-    last = one_line_error(p, *needles)
-    assert {k: v for k, v in contents(tmp_path).items() if not k.startswith("out" + os.sep)} == before
-    assert not os.path.exists(tmp_path / "out" / "orpo" / "final")
-    return last
+def run_refused(run_many, prepared):
+    """prepared: {name: (folder, train.py arguments, needles)}. Runs them all at once (run_many) and returns
+    {name: (process, folder, needles, what the folder held before)}."""
+    before = {name: contents(folder) for name, (folder, _, _) in prepared.items()}
+    results = run_many({name: args for name, (_, args, _) in prepared.items()})
+    return {name: (results[name], folder, needles, before[name]) for name, (folder, _, needles) in prepared.items()}
 
 
-@pytest.fixture
-def model(tmp_path, shared):
-    """A copy of the tiny model at tmp_path/model, to make hostile."""
-    shutil.copytree(shared[0], tmp_path / "model")
-    return tmp_path / "model"
+def assert_refused(one_line_error, result, run_name="orpo"):
+    """A one-line error naming every needle; nothing under the folder changed but out/, which has no final/."""
+    p, folder, needles, before = result
+    one_line_error(p, *needles)
+    assert {k: v for k, v in contents(folder).items() if not k.startswith("out" + os.sep)} == before
+    assert not os.path.exists(folder / "out" / run_name / "final")
 
 
 def rewrite_header(path, edit):
@@ -69,55 +68,44 @@ def rewrite_header(path, edit):
     open(path, "wb").write(struct.pack("<Q", len(raw)) + raw + data[8 + length:])
 
 
-@pytest.mark.parametrize("name", ["tokenizer.json", "merges.txt"])
-def test_a_tokenizer_file_linked_outside_the_model_folder_is_refused(run_limited, one_line_error, shared, tmp_path,
-                                                                     model, name):
-    outside = tmp_path / "outside"
-    outside.mkdir()
-    if name == "tokenizer.json":  # the model's own tokenizer, moved out of the folder: only the link is wrong
-        os.replace(model / name, outside / name)
-    else:
-        (outside / name).write_text("#version: 0.2\nnot for you\n")
-    os.symlink(outside / name, model / name)
-    last = refused(run_limited, one_line_error, shared, tmp_path, model, f"{model / name}", "outside")
-    assert "refused" in last
+# Each case makes a copy of the tiny model hostile: prepare(folder, model) -> (model_name, needles the error names)
+def linked_outside(name):
+    def prepare(folder, model):
+        outside = folder / "outside"
+        outside.mkdir()
+        if name == "tokenizer.json":  # the model's own tokenizer, moved out of the folder: only the link is wrong
+            os.replace(model / name, outside / name)
+        else:
+            (outside / name).write_text("#version: 0.2\nnot for you\n")
+        os.symlink(outside / name, model / name)
+        return model, [str(model / name), "outside", "refused"]
+    return prepare
 
 
-@pytest.mark.parametrize("shard", ["../x.safetensors", "ABSOLUTE"], ids=["parent", "absolute"])
-def test_a_shard_index_naming_a_file_outside_the_folder_is_refused(run_limited, one_line_error, shared, tmp_path,
-                                                                   model, shard):
-    shard = str(tmp_path / "x.safetensors") if shard == "ABSOLUTE" else shard
-    os.replace(model / "model.safetensors", tmp_path / "x.safetensors")  # a valid shard, just not inside
-    names = load_file(tmp_path / "x.safetensors")
-    (model / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {n: shard for n in names}}))
-    last = refused(run_limited, one_line_error, shared, tmp_path, model, "model.safetensors.index.json", shard)
-    assert "not a plain file name" in last
+def shard_outside(absolute):
+    def prepare(folder, model):
+        shard = str(folder / "x.safetensors") if absolute else "../x.safetensors"
+        os.replace(model / "model.safetensors", folder / "x.safetensors")  # a valid shard, just not inside
+        names = load_file(folder / "x.safetensors")
+        (model / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {n: shard for n in names}}))
+        return model, ["model.safetensors.index.json", shard, "not a plain file name"]
+    return prepare
 
 
-def declare_i32(header):
-    header["model.norm.weight"]["dtype"] = "I32"  # the same 4-byte elements, read as integers
+def integer_tensor(declared):
+    def prepare(folder, model):
+        path = str(model / "model.safetensors")
+        if declared:  # the same 4-byte elements, read as integers
+            rewrite_header(path, lambda header: header["model.norm.weight"].update(dtype="I32"))
+        else:
+            tensors = {n: t.clone() for n, t in load_file(path).items()}  # not views of the file rewritten
+            tensors["model.norm.weight"] = torch.ones(128, dtype=torch.int64)
+            save_safetensors(tensors, path)
+        return model, [path, f"dtype {'I32' if declared else 'I64'}", "model.norm.weight", "F32, BF16 or F16"]
+    return prepare
 
 
-def store_int64(tensors):
-    tensors["model.norm.weight"] = torch.ones(128, dtype=torch.int64)
-
-
-@pytest.mark.parametrize("edit, needle", [(declare_i32, "dtype I32"), (store_int64, "dtype I64")],
-                         ids=["float-bytes-declared-I32", "an-int64-tensor"])
-def test_an_integer_tensor_in_the_weights_is_refused_not_cast(run_limited, one_line_error, shared, tmp_path, model,
-                                                               edit, needle):
-    path = str(model / "model.safetensors")
-    if edit is declare_i32:
-        rewrite_header(path, edit)
-    else:
-        tensors = {n: t.clone() for n, t in load_file(path).items()}  # not views of the file rewritten
-        edit(tensors)
-        save_safetensors(tensors, path)
-    last = refused(run_limited, one_line_error, shared, tmp_path, model, path, needle, "model.norm.weight")
-    assert "F32, BF16 or F16" in last
-
-
-def test_one_tensor_in_two_shards_is_refused_naming_both(run_limited, one_line_error, shared, tmp_path, model):
+def one_tensor_in_two_shards(folder, model):
     tensors = load_file(model / "model.safetensors")
     names = sorted(tensors)
     first, second = names[:len(names) // 2], names[len(names) // 2:]
@@ -126,49 +114,76 @@ def test_one_tensor_in_two_shards_is_refused_naming_both(run_limited, one_line_e
     index = {n: "a.safetensors" for n in first} | {n: "b.safetensors" for n in second}
     (model / "model.safetensors.index.json").write_text(json.dumps({"weight_map": index}))
     os.remove(model / "model.safetensors")
-    refused(run_limited, one_line_error, shared, tmp_path, model, "a.safetensors", "b.safetensors", first[0])
+    return model, ["a.safetensors", "b.safetensors", first[0]]
 
 
-def huge_header_length(path):
-    data = open(path, "rb").read()
-    open(path, "wb").write(struct.pack("<Q", 1 << 40) + data[8:])
+def bad_header(huge_length):
+    def prepare(folder, model):
+        path = str(model / "model.safetensors")
+        if huge_length:
+            data = open(path, "rb").read()
+            open(path, "wb").write(struct.pack("<Q", 1 << 40) + data[8:])
+        else:  # offsets past the end of the file
+            rewrite_header(path, lambda h: h["model.norm.weight"].update(data_offsets=[1 << 30, (1 << 30) + 512]))
+        return model, [path, "not a readable safetensors file"]
+    return prepare
 
 
-def offsets_past_the_end(path):
-    rewrite_header(path, lambda header: header["model.norm.weight"].update(data_offsets=[1 << 30, (1 << 30) + 512]))
+def config_field(change, needle):
+    def prepare(folder, model):
+        config = json.loads((model / "config.json").read_text())
+        (model / "config.json").write_text(json.dumps({**config, **change}))
+        return model, [str(model / "config.json"), needle]
+    return prepare
 
 
-@pytest.mark.parametrize("damage", [huge_header_length, offsets_past_the_end], ids=lambda f: f.__name__)
-def test_a_safetensors_header_that_does_not_fit_the_file_is_refused(run_limited, one_line_error, shared, tmp_path,
-                                                                    model, damage):
-    damage(str(model / "model.safetensors"))
-    last = refused(run_limited, one_line_error, shared, tmp_path, model, str(model / "model.safetensors"))
-    assert "not a readable safetensors file" in last
+def a_file_for_a_folder(folder, model):
+    return model / "config.json", ["config.json: a file", "model_name takes a checkpoint folder"]
 
 
-@pytest.mark.parametrize("change, needle", [
-    ({"num_hidden_layers": 1_000_000_000}, "num_hidden_layers is 1000000000, expected 1 .. 1024"),
-    ({"num_hidden_layers": 6}, "num_hidden_layers is 6 but the weights hold 4 layers"),
-    ({"hidden_size": "big"}, 'hidden_size is "big", expected an integer'),
-    ({"num_attention_heads": True}, "num_attention_heads is true, expected an integer"),
-    ({"rms_norm_eps": -1.0}, "rms_norm_eps is -1.0, expected a finite number above 0"),
-], ids=["absurd-layer-count", "layer-count-not-in-the-weights", "string-for-an-int", "true-for-an-int",
-        "negative-eps"])
-def test_a_bad_config_json_field_is_named_before_anything_is_built(run_limited, one_line_error, shared, tmp_path,
-                                                                  model, change, needle):
-    config = json.loads((model / "config.json").read_text())
-    (model / "config.json").write_text(json.dumps({**config, **change}))
-    refused(run_limited, one_line_error, shared, tmp_path, model, str(model / "config.json"), needle)
-
-
-def test_model_name_pointing_to_a_file_says_a_folder_is_expected(run_limited, one_line_error, shared, tmp_path, model):
-    last = refused(run_limited, one_line_error, shared, tmp_path, model / "config.json", "config.json: a file")
-    assert "model_name takes a checkpoint folder" in last
-
-
-def test_a_folder_without_config_json_says_what_is_missing(run_limited, one_line_error, shared, tmp_path, model):
+def no_config_json(folder, model):
     os.remove(model / "config.json")
-    refused(run_limited, one_line_error, shared, tmp_path, model, f"{model}: no config.json", "tokenizer.json")
+    return model, [f"{model}: no config.json", "tokenizer.json"]
+
+
+HOSTILE_MODELS = {
+    "tokenizer-json-linked-outside": linked_outside("tokenizer.json"),
+    "merges-txt-linked-outside": linked_outside("merges.txt"),
+    "shard-index-naming-a-parent-path": shard_outside(absolute=False),
+    "shard-index-naming-an-absolute-path": shard_outside(absolute=True),
+    "float-bytes-declared-I32": integer_tensor(declared=True),
+    "an-int64-tensor": integer_tensor(declared=False),
+    "one-tensor-in-two-shards": one_tensor_in_two_shards,
+    "huge-header-length": bad_header(huge_length=True),
+    "offsets-past-the-end": bad_header(huge_length=False),
+    "absurd-layer-count": config_field({"num_hidden_layers": 1_000_000_000},
+                                       "num_hidden_layers is 1000000000, expected 1 .. 1024"),
+    "layer-count-not-in-the-weights": config_field({"num_hidden_layers": 6},
+                                                   "num_hidden_layers is 6 but the weights hold 4 layers"),
+    "string-for-an-int": config_field({"hidden_size": "big"}, 'hidden_size is "big", expected an integer'),
+    "true-for-an-int": config_field({"num_attention_heads": True}, "num_attention_heads is true, expected an integer"),
+    "negative-eps": config_field({"rms_norm_eps": -1.0}, "rms_norm_eps is -1.0, expected a finite number above 0"),
+    "model-name-is-a-file": a_file_for_a_folder,
+    "folder-without-config-json": no_config_json,
+}
+
+
+@pytest.fixture(scope="module")
+def hostile_runs(tmp_path_factory, shared, run_many):
+    """Every case of HOSTILE_MODELS in its own folder (a copy of the tiny model, made hostile), then
+    train.py on each, all at once."""
+    prepared = {}
+    for name, prepare in HOSTILE_MODELS.items():
+        folder = tmp_path_factory.mktemp(name)
+        shutil.copytree(shared[0], folder / "model")
+        model_name, needles = prepare(folder, folder / "model")
+        prepared[name] = (folder, train_args(shared, folder, model_name), needles)
+    return run_refused(run_many, prepared)
+
+
+@pytest.mark.parametrize("name", HOSTILE_MODELS)
+def test_a_hostile_model_folder_is_refused_in_one_line_and_nothing_changes(hostile_runs, one_line_error, name):
+    assert_refused(one_line_error, hostile_runs[name])
 
 
 @pytest.fixture(scope="module")
@@ -205,22 +220,30 @@ def misshaped_weight(folder):
     save_safetensors(weights, str(folder / "weights.safetensors"))
 
 
-@pytest.mark.parametrize("damage, needles", [
-    (drop_position, ("state.json", "position is missing", "resume from another checkpoint")),
-    (empty_optimizer, ("optimizer.safetensors", "not a readable safetensors file", "resume from another checkpoint")),
-    (misshaped_weight, ("weights.safetensors", "model.norm.weight is (7,)", "resume from another checkpoint")),
-    (position_past_the_epoch, ("state.json", "position 1000000 past the", "resume from another")),
-], ids=["state-json-missing-a-key", "empty-optimizer-file", "misshaped-weight", "position-past-the-epoch"])
-def test_resuming_a_damaged_checkpoint_names_the_file(run_limited, one_line_error, shared, tmp_path, saved_checkpoint,
-                                                      damage, needles):
-    copy = tmp_path / "copy"
-    shutil.copytree(saved_checkpoint, copy)
-    damage(copy)
-    before = contents(tmp_path)
-    p = train(run_limited, shared, tmp_path, shared[0], f"training.resume_from={copy}", "run_name=b", max_steps=4)
-    one_line_error(p, str(copy), *needles)
-    assert {k: v for k, v in contents(tmp_path).items() if not k.startswith("out" + os.sep)} == before
-    assert not os.path.exists(tmp_path / "out" / "b" / "final")
+DAMAGED = {  # name: (damage(checkpoint folder), needles the error names)
+    "state-json-missing-a-key": (drop_position, ("state.json", "position is missing")),
+    "empty-optimizer-file": (empty_optimizer, ("optimizer.safetensors", "not a readable safetensors file")),
+    "misshaped-weight": (misshaped_weight, ("weights.safetensors", "model.norm.weight is (7,)")),
+    "position-past-the-epoch": (position_past_the_epoch, ("state.json", "position 1000000 past the")),
+}
+
+
+@pytest.fixture(scope="module")
+def damaged_runs(tmp_path_factory, shared, saved_checkpoint, run_many):
+    prepared = {}
+    for name, (damage, needles) in DAMAGED.items():
+        folder = tmp_path_factory.mktemp(name)
+        shutil.copytree(saved_checkpoint, folder / "copy")
+        damage(folder / "copy")
+        args = train_args(shared, folder, shared[0], f"training.resume_from={folder / 'copy'}", "run_name=b",
+                          max_steps=4)
+        prepared[name] = (folder, args, (str(folder / "copy"), *needles, "resume from another checkpoint"))
+    return run_refused(run_many, prepared)
+
+
+@pytest.mark.parametrize("name", DAMAGED)
+def test_resuming_a_damaged_checkpoint_names_the_file(damaged_runs, one_line_error, name):
+    assert_refused(one_line_error, damaged_runs[name], run_name="b")
 
 
 def test_save_safetensors_refuses_nan_and_leaves_no_file(tmp_path):
