@@ -94,6 +94,7 @@ log(batches.show_example(train_set[0], tokenizer))
 def build_model(device):
     model = checkpoint.load_model(model_dir, dtype=load_dtype, device=device)
     if {"lora", "attn_lora"} & set(ever_trained):
+        torch.manual_seed(cfg["seed"])  # LoRA's A: the same on every rank, whatever used the RNG before
         lora.inject_lora(model, lora_cfg["rank"], lora_cfg["alpha"], lora_cfg["dropout"],
                          targets=lora_cfg["targets"] if "lora" in ever_trained else [],
                          attn_targets=lora_cfg["attn_targets"] if "attn_lora" in ever_trained else [],
@@ -114,7 +115,7 @@ policy = step.Policy(model, cfg["loss"]["head_chunk_size"])
 train_policy = policy
 if fsdp:  # the sharded parameters are new objects: AdamW must hold those
     trained = {n: p for n, p in distributed.shard(model, bf16).items() if n in trained}
-elif launched:  # DDP: every parameter any phase trains must require grad at wrap time
+elif launched:  # DDP registers the parameters that require grad at wrap time: every one any phase trains
     lora.set_trainable(model, ever_trained)
     train_policy = distributed.wrap_ddp(policy, device, on_cuda, find_unused=len(train_cfg["phases"]) > 1)
 
@@ -273,8 +274,7 @@ if it == skipped:
     sys.exit(f"error: every one of the {it} steps was skipped (non-finite loss or gradients): no final/ written. "
              "Lower training.learning_rate or check the data")
 check_finite("final/ was")
-if fsdp:  # the whole model, gathered to rank 0 as a plain one
-    model = distributed.gather_model(model, master, lambda: build_model(device))
+model = distributed.gather_model(model, master, lambda: build_model(device)) if fsdp else model  # whole, on rank 0
 if master:
     final, has_adapter = os.path.join(run_dir, "final"), bool(lora.lora_layers(model))
     with files.atomic_folder(final) as tmp:
