@@ -84,8 +84,8 @@ def log_memory_once(model, optimizer, rank, world):
     def hook(opt, args, kwargs):
         handle.remove()
         mb = [b / 2**20 for b in held_bytes(model, opt)]
-        print(f"[memory] rank {rank} of {world} holds parameters {mb[0]:.2f} MB + gradients {mb[1]:.2f} MB + "
-              f"AdamW {mb[2]:.2f} MB = {sum(mb):.2f} MB", flush=True)
+        print(f"[memory] rank {rank} of {world} holds parameters {mb[0]:.2f} MiB + gradients {mb[1]:.2f} MiB + "
+              f"AdamW {mb[2]:.2f} MiB = {sum(mb):.2f} MiB", flush=True)
     handle = optimizer.register_step_post_hook(hook)
 
 

@@ -13,10 +13,10 @@ LORA = "training.phases=[{step: 0, trainable: [lora, attn_lora]}]"
 
 
 def memory(stdout):
-    """{rank: (parameters, gradients, AdamW) MB} from the [memory] lines."""
+    """{rank: (parameters, gradients, AdamW) MiB} from the [memory] lines."""
     return {int(m[1]): tuple(map(float, m.groups()[2:]))
-            for m in re.finditer(r"\[memory\] rank (\d) of (\d) holds parameters ([\d.]+) MB \+ gradients ([\d.]+) "
-                                 r"MB \+ AdamW ([\d.]+) MB", stdout)}
+            for m in re.finditer(r"\[memory\] rank (\d) of (\d) holds parameters ([\d.]+) MiB \+ gradients ([\d.]+) "
+                                 r"MiB \+ AdamW ([\d.]+) MiB", stdout)}
 
 
 def test_fsdp_full_fine_tuning_equals_one_process_and_shards_memory(tmp_path):
