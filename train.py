@@ -202,7 +202,7 @@ if train_cfg["resume_from"]:
     log(f"[resume] {train_cfg['resume_from']}: continuing at step {it} of {train_cfg['max_steps']}")
 config.save(cfg, run_dir) if master else None  # after the resume checks: config.yml never records a refused setting
 phase = lora.phase_at(train_cfg["phases"], it)
-n_train, n_total = lora.set_trainable(model, phase)
+n_train, n_total = distributed.set_trainable(model, phase)
 log(f"[model] {model_dir}: training {phase}: {n_train:,} of {n_total:,} parameters ({100 * n_train / n_total:.2f}%)")
 if model_ranks and it == 0 and (eval_set or sample_cfg["prompts"]):
     show_samples("before training")
@@ -223,7 +223,7 @@ t_start, start_it = time.time(), it
 while it < train_cfg["max_steps"]:
     if lora.phase_at(train_cfg["phases"], it) != phase:  # a new phase: switch the trainable groups
         phase = lora.phase_at(train_cfg["phases"], it)
-        n_train, _ = lora.set_trainable(model, phase)
+        n_train, _ = distributed.set_trainable(model, phase)
         log(f"[phase] step {it}: training {phase}: {n_train:,} of {n_total:,} parameters")
     if position + train_cfg["grad_accum_steps"] > len(order):  # a new epoch: a new shuffle of the batches
         epoch, position = epoch + 1, 0

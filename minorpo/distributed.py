@@ -22,6 +22,7 @@ import os
 import torch
 import torch.distributed as dist
 
+from minorpo import lora
 from minorpo.config import ConfigError
 
 
@@ -63,6 +64,14 @@ def shard(model, bf16):
     fully_shard(model, mp_policy=policy)
     register_fsdp_forward_method(model, "hidden_states")  # Policy and generate call it, not model()
     return dict(model.named_parameters())
+
+
+def set_trainable(model, groups):
+    """lora.set_trainable, also under FSDP: the root keeps its weights gathered after a forward (evaluation,
+    samples) and a gathered weight keeps the requires_grad it was gathered with, so release them first."""
+    if hasattr(model, "reshard"):
+        model.reshard()
+    return lora.set_trainable(model, groups)
 
 
 def local(tensor):
