@@ -67,6 +67,21 @@ def test_resumed_fsdp_run_continues_exactly(tmp_path):
     assert_close(weights(tmp_path / "through"), weights(tmp_path / "resumed"), atol=0)
 
 
+def test_the_guard_stops_every_fsdp_rank(tmp_path):
+    from test_train import overflowing_model  # every step's loss overflows: each one is skipped
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           os.path.join(ROOT, "train.py"), os.path.join(ROOT, "presets", "orpo.yml"), f"output_dir={tmp_path}",
+           *COMMON, "training.batch_size=4", "training.fsdp=true", f"model_name={overflowing_model(tmp_path)}",
+           "training.max_steps=20", "training.max_bad_steps=3"]
+    p = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert p.returncode != 0
+    # every rank decides at the same step (the guard reads all-reduced numbers); the first to exit ends the run
+    assert "[guard] 3 non-finite steps in a row: stopping" in p.stderr
+    assert p.stdout.count("update skipped") == 3
+    assert not (tmp_path / "orpo" / "final").exists()
+
+
 def test_fsdp_without_torchrun_is_refused_in_one_line(tmp_path):
     p = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), os.path.join(ROOT, "presets", "orpo.yml"),
                         f"output_dir={tmp_path}", "training.fsdp=true"], capture_output=True, text=True, cwd=ROOT,
