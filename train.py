@@ -5,11 +5,10 @@ Read top to bottom: config -> run folder -> device and precision -> tokenizer an
 checkpoints) -> final/ -> optional extras. training.type sft trains on the chosen answers only; orpo adds
 lambda * L_OR (Hong, Lee, Thorne 2024, arXiv:2403.07691, Eq. 6): the maths is in minorpo/loss.py.
 
-Data parallel: torchrun --nproc_per_node=N train.py presets/orpo.yml ...
+Data parallel: torchrun --nproc_per_node=N train.py presets/orpo.yml ...   (training.fsdp=true: sharded)
 pairs per optimizer step = training.batch_size x training.grad_accum_steps x N.
 """
 import contextlib
-import datetime
 import math
 import os
 import sys
@@ -19,10 +18,9 @@ import warnings
 warnings.filterwarnings("ignore", message="Failed to initialize NumPy")  # torch's note; minorpo needs no NumPy
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
-from torch.nn.parallel import DistributedDataParallel as DDP  # noqa: E402
 
-from minorpo import (batches, checkpoint, config, data, files, lora, loss, packing, plot, runs, state,  # noqa: E402
-                     step, tiny)
+from minorpo import (batches, checkpoint, config, data, distributed, files, lora, loss, packing, plot,  # noqa: E402
+                     runs, state, step, tiny)
 
 # -----------------------------------------------------------------------------
 # 1. config: a preset plus key=value overrides. A mistake in anything the user gives ends in one line.
@@ -35,20 +33,13 @@ objective = train_cfg["type"]  # sft | orpo
 run_dir = os.path.join(cfg["output_dir"], cfg["run_name"])
 
 # 2. processes, device, threads and precision, decided once
-ddp = "RANK" in os.environ  # launched by torchrun
 on_cuda = cfg["device"] == "cuda" or (cfg["device"] == "auto" and torch.cuda.is_available())
 if on_cuda and not torch.cuda.is_available():
     raise config.ConfigError("device=cuda but torch sees no CUDA GPU; use device=auto or device=cpu")
-if ddp:
-    # rank 0 alone writes checkpoints while the others wait at the next collective: allow for big ones
-    dist.init_process_group("nccl" if on_cuda else "gloo", timeout=datetime.timedelta(hours=1))
-    rank, world = dist.get_rank(), dist.get_world_size()
-    device = f"cuda:{os.environ['LOCAL_RANK']}" if on_cuda else "cpu"
-    if on_cuda:
-        torch.cuda.set_device(device)
-else:
-    rank, world, device = 0, 1, "cuda" if on_cuda else "cpu"
-master = rank == 0  # only rank 0 logs, evaluates and writes files
+fsdp = train_cfg["fsdp"]  # shard the model over the ranks (FSDP2) instead of copying it to each (DDP)
+launched, rank, world, device = distributed.setup(fsdp, on_cuda)  # launched by torchrun: a process group
+master = rank == 0  # only rank 0 logs and writes files
+model_ranks = master or fsdp  # who runs evaluation and samples: under FSDP every rank holds part of the model
 log = (lambda *args, **kwargs: print(*args, **kwargs, flush=True)) if master else (lambda *args, **kwargs: None)
 # CPU threads: torch's default (one per core) is many times slower when another process shares the cores
 omp = os.environ.get("OMP_NUM_THREADS", "")
@@ -78,7 +69,7 @@ if master:
     runs.check_run_folder(run_dir, train_cfg["resume_from"], model_dir, data_paths)
     for line in runs.recover(run_dir):
         log(line)
-dist.barrier() if ddp else None  # rank 0 has written the tiny model and data, and checked the run folder
+dist.barrier() if launched else None  # rank 0 has written the tiny model and data, and checked the run folder
 tokenizer = data.load_tokenizer(model_dir)
 rows = data.read_jsonl(data_path, max_length=data_cfg["max_length"])
 if data_cfg["eval_path"]:
@@ -100,32 +91,38 @@ for line in filter_lines + eval_filter_lines:
 log(batches.show_example(train_set[0], tokenizer))
 
 # 4. model: the base weights strictly, then LoRA wrappers if a phase trains a LoRA group
-model = checkpoint.load_model(model_dir, dtype=load_dtype, device=device)
+def build_model(device):
+    model = checkpoint.load_model(model_dir, dtype=load_dtype, device=device)
+    if {"lora", "attn_lora"} & set(ever_trained):
+        torch.manual_seed(cfg["seed"])  # LoRA's A: the same on every rank, whatever used the RNG before
+        lora.inject_lora(model, lora_cfg["rank"], lora_cfg["alpha"], lora_cfg["dropout"],
+                         targets=lora_cfg["targets"] if "lora" in ever_trained else [],
+                         attn_targets=lora_cfg["attn_targets"] if "attn_lora" in ever_trained else [],
+                         start_layer=lora_cfg["start_layer"], num_layers=lora_cfg["num_layers"])
+    lora.fp32_trained_parameters(model, ever_trained)  # what AdamW holds, whichever phase is active (fp32)
+    return model
+
+
+model = build_model(device)
 checkpoint.check_fits(model, tokenizer, model_dir, data_cfg["max_length"], sample_cfg["max_new_tokens"])
 context = model.config.max_position_embeddings
-if {"lora", "attn_lora"} & set(ever_trained):
-    lora.inject_lora(model, lora_cfg["rank"], lora_cfg["alpha"], lora_cfg["dropout"],
-                     targets=lora_cfg["targets"] if "lora" in ever_trained else [],
-                     attn_targets=lora_cfg["attn_targets"] if "attn_lora" in ever_trained else [],
-                     start_layer=lora_cfg["start_layer"], num_layers=lora_cfg["num_layers"])
-trained = lora.fp32_trained_parameters(model, ever_trained)  # what AdamW holds, whichever phase is active (fp32)
+trained = lora.trained_parameters(model, ever_trained)
 model.gradient_checkpointing = train_cfg["gradient_checkpointing"]
 if train_cfg["compile"] == "on" or (train_cfg["compile"] == "auto" and on_cuda):
     for layer in model.model.layers:  # per layer: small graphs, one compile reused 28 times
         layer.compile()
 policy = step.Policy(model, cfg["loss"]["head_chunk_size"])
 train_policy = policy
-if ddp:  # DDP registers the parameters that require grad at wrap time: every one any phase trains
+if fsdp:  # the sharded parameters are new objects: AdamW must hold those
+    trained = {n: p for n, p in distributed.shard(model, bf16).items() if n in trained}
+elif launched:  # DDP registers the parameters that require grad at wrap time: every one any phase trains
     lora.set_trainable(model, ever_trained)
-    # The only buffers are the RoPE tables, the same on every rank: no need to broadcast them (~40 MB for
-    # Qwen3) before every forward. Newer torch renames the flag and warns; the old one still works.
-    warnings.filterwarnings("ignore", message="`broadcast_buffers` is deprecated")
-    train_policy = DDP(policy, device_ids=[device] if on_cuda else None, broadcast_buffers=False,
-                       find_unused_parameters=len(train_cfg["phases"]) > 1)
+    train_policy = distributed.wrap_ddp(policy, device, on_cuda, find_unused=len(train_cfg["phases"]) > 1)
 
 # 5. AdamW: weight decay on matrices only, never on norms and biases; fused kernels on CUDA
 names = list(trained)
 optimizer = step.adamw(trained, train_cfg["learning_rate"], train_cfg["weight_decay"], fused=on_cuda)
+distributed.log_memory_once(model, optimizer, rank, world)
 
 
 # 6. learning rate: linear warmup, then cosine decay to learning_rate * min_lr_ratio
@@ -170,18 +167,20 @@ def run_eval():  # pairs are scored as ORPO scores them; an SFT run's total is i
 
 
 def check_finite(what):  # stop before saving a non-finite weight, naming the last good checkpoint
-    bad = next((name for name, p in trained.items() if not torch.isfinite(p).all()), None)
+    bad = distributed.first_nonfinite(trained, launched, device)
     if bad:
         sys.exit(f"error: {bad} holds NaN or inf at step {it}; {what} not written. The last good checkpoint is "
                  f"{last_saved}: resume from it with a lower training.learning_rate")
 
 
 def save_checkpoint(it):
-    """A resumable checkpoint (only finite weights: state.py refuses others), then the oldest ones go."""
+    """A resumable checkpoint (only finite weights: state.py refuses others), then the oldest ones go.
+    Every rank calls it (FSDP gathers the shards); rank 0 writes."""
     folder = os.path.join(run_dir, f"step_{it:06d}")
     state.save(folder, model, optimizer, names, {**fingerprint, "step": it, "epoch": epoch,
-                                                "position": position, "skipped": skipped})
-    runs.rotate(run_dir, train_cfg["keep_checkpoints"], protect=train_cfg["resume_from"])
+                                                "position": position, "skipped": skipped}, write=master)
+    if master:
+        runs.rotate(run_dir, train_cfg["keep_checkpoints"], protect=train_cfg["resume_from"])
     log(f"[save] {folder}")
     return folder
 
@@ -203,11 +202,11 @@ if train_cfg["resume_from"]:
     log(f"[resume] {train_cfg['resume_from']}: continuing at step {it} of {train_cfg['max_steps']}")
 config.save(cfg, run_dir) if master else None  # after the resume checks: config.yml never records a refused setting
 phase = lora.phase_at(train_cfg["phases"], it)
-n_train, n_total = lora.set_trainable(model, phase)
+n_train, n_total = distributed.set_trainable(model, phase)
 log(f"[model] {model_dir}: training {phase}: {n_train:,} of {n_total:,} parameters ({100 * n_train / n_total:.2f}%)")
-if master and it == 0 and (eval_set or sample_cfg["prompts"]):
+if model_ranks and it == 0 and (eval_set or sample_cfg["prompts"]):
     show_samples("before training")
-if master and it == 0 and eval_set and train_cfg["eval_every"]:  # the starting point of the eval curves
+if model_ranks and it == 0 and eval_set and train_cfg["eval_every"]:  # the starting point of the eval curves
     metrics_log.write({"step": 0, **run_eval()})
 def batch_order(epoch):  # the global micro-batches of an epoch (batches.py)
     return batches.batch_order(lengths, train_cfg["batch_size"] * world, cfg["seed"], epoch,
@@ -224,7 +223,7 @@ t_start, start_it = time.time(), it
 while it < train_cfg["max_steps"]:
     if lora.phase_at(train_cfg["phases"], it) != phase:  # a new phase: switch the trainable groups
         phase = lora.phase_at(train_cfg["phases"], it)
-        n_train, _ = lora.set_trainable(model, phase)
+        n_train, _ = distributed.set_trainable(model, phase)
         log(f"[phase] step {it}: training {phase}: {n_train:,} of {n_total:,} parameters")
     if position + train_cfg["grad_accum_steps"] > len(order):  # a new epoch: a new shuffle of the batches
         epoch, position = epoch + 1, 0
@@ -254,18 +253,18 @@ while it < train_cfg["max_steps"]:
     last = it == train_cfg["max_steps"]
     do_eval = bool(eval_set) and (last or (train_cfg["eval_every"] and it % train_cfg["eval_every"] == 0))
     if (it % train_cfg["log_every"] == 0 or last or do_eval) and metrics_log.pending:
-        row = metrics_log.averages(it, lr, skipped, step.all_reduce if ddp else None, device)
+        row = metrics_log.averages(it, lr, skipped, step.all_reduce if launched else None, device)
         if on_cuda:
             row["train/memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
-        if master and do_eval:
+        if model_ranks and do_eval:
             row.update(run_eval())
         metrics_log.write(row, eta=(time.time() - t_start) / (it - start_it) * (train_cfg["max_steps"] - it))
     metrics_log.progress(it, train_cfg["max_steps"], metrics, time.time() - t_start)
-    if ddp:  # every rank stops at the same step
+    if launched:  # every rank stops at the same step
         stop.asked = bool(step.all_reduce(torch.tensor(float(stop.asked), device=device)))
     if train_cfg["save_every"] and (it % train_cfg["save_every"] == 0 or last) or stop.asked and it > start_it:
         check_finite("no checkpoint was")
-        last_saved = save_checkpoint(it) if master else os.path.join(run_dir, f"step_{it:06d}")
+        last_saved = save_checkpoint(it)
     if stop.asked:
         sys.exit(f"[interrupt] stopped at step {it}. Continue with:\n  {runs.resume_command(sys.argv, last_saved)}"
                  if last_saved else f"[interrupt] stopped at step {it}; nothing was saved")
@@ -275,6 +274,7 @@ if it == skipped:
     sys.exit(f"error: every one of the {it} steps was skipped (non-finite loss or gradients): no final/ written. "
              "Lower training.learning_rate or check the data")
 check_finite("final/ was")
+model = distributed.gather_model(model, master, lambda: build_model(device)) if fsdp else model  # whole, on rank 0
 if master:
     final, has_adapter = os.path.join(run_dir, "final"), bool(lora.lora_layers(model))
     with files.atomic_folder(final) as tmp:
@@ -285,7 +285,7 @@ if master:
         metrics_log.copy_to(tmp, config_path=os.path.join(run_dir, "config.yml"))
     log(f"[save] {final}: the trained model{' (LoRA merged; the adapter alone in adapter/)' if has_adapter else ''}; "
         f"chain it with model_name={final}")
-if ddp:
+if launched:
     dist.barrier()  # the other ranks wait for rank 0's final outputs before the group goes away
     dist.destroy_process_group()
 

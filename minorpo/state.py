@@ -11,6 +11,7 @@ Decisions:
 - Writes are atomic and refuse NaN or inf, so a resume never trusts a half-written or diverged checkpoint.
 - Frozen base weights are not saved: they are re-read from the base checkpoint. AdamW's hyperparameters
   are restored from the config (state.json keeps them for reference): a checkpoint holds what training changed.
+- Under FSDP the files still hold whole tensors (gathered to rank 0); a resume cuts each rank's shard again.
 - No RNG state is saved: train.py seeds every step from (seed, step, rank), so a resume continues bit for bit.
 """
 import json
@@ -26,13 +27,34 @@ FIX = "the checkpoint is damaged: resume from another checkpoint"
 META = ("step", "epoch", "position", "skipped")  # non-negative ints in state.json, beside param_names
 
 
-def save(folder, model, optimizer, names, meta):
-    """Save the parameters `names` (what the run trains), the optimizer state and the JSON-able `meta`."""
+def _whole(tensor, keep):
+    """The whole tensor (on the CPU if kept): an FSDP shard (DTensor) is gathered from every rank, a collective."""
+    if hasattr(tensor, "full_tensor"):
+        tensor = tensor.full_tensor()
+        return tensor.cpu() if keep else None
+    return tensor
+
+
+def _like(param, whole):
+    """`whole`, cut to this rank's shard when param is an FSDP shard: every rank reads the file and keeps its
+    part, so a checkpoint holds whole tensors whatever the number of ranks that wrote it."""
+    if not hasattr(param, "device_mesh"):
+        return whole
+    from torch.distributed.tensor import distribute_tensor
+    return distribute_tensor(whole.to(param.device), param.device_mesh, param.placements, src_data_rank=None)
+
+
+def save(folder, model, optimizer, names, meta, write=True):
+    """Save the parameters `names` (what the run trains), the optimizer state and the JSON-able `meta`.
+    Under FSDP every rank calls it (each tensor is gathered in turn) and only the one with `write` writes."""
     params, opt = dict(model.named_parameters()), optimizer.state_dict()
+    weights = {n: _whole(params[n], write) for n in names}
+    moments = {f"{i}.{k}": _whole(v, write) for i, s in opt["state"].items() for k, v in s.items()}
+    if not write:
+        return
     with atomic_folder(folder) as tmp:
-        save_safetensors({n: params[n] for n in names}, os.path.join(tmp, "weights.safetensors"))
-        save_safetensors({f"{i}.{k}": v for i, s in opt["state"].items() for k, v in s.items()},
-                         os.path.join(tmp, "optimizer.safetensors"))
+        save_safetensors(weights, os.path.join(tmp, "weights.safetensors"))
+        save_safetensors(moments, os.path.join(tmp, "optimizer.safetensors"))
         with open(os.path.join(tmp, "state.json"), "w") as f:
             json.dump({**meta, "param_names": names, "param_groups": opt["param_groups"]}, f, indent=1)
 
@@ -81,12 +103,13 @@ def load(folder, model, optimizer, names, expect):
                 value.shape != (() if match[2] == "step" else trained[int(match[1])].shape) or \
                 match[2] != "exp_avg" and (value < 0).any():  # a count and squares: never negative
             raise UserError(f"{path}: tensor {key} does not fit the optimizer of this model; {FIX}")
-        state.setdefault(int(match[1]), {})[match[2]] = value
+        param = trained[int(match[1])]
+        state.setdefault(int(match[1]), {})[match[2]] = value if match[2] == "step" else _like(param, value)
     if any(len(moment) != 3 for moment in state.values()):
         raise UserError(f"{path}: a parameter misses one of exp_avg, exp_avg_sq, step; {FIX}")
     if not state and meta["step"] > meta["skipped"]:  # a step that updated leaves moments
         raise UserError(f"{path}: no optimizer moments after {meta['step'] - meta['skipped']} updates; {FIX}")
     for n in names:
-        params[n].data.copy_(weights[n])
+        params[n].data.copy_(_like(params[n], weights[n]))
     optimizer.load_state_dict({"state": state, "param_groups": optimizer.state_dict()["param_groups"]})
     return meta

@@ -7,7 +7,7 @@ Decisions:
 - Gradient accumulation is exact: every micro-batch's loss is normalised by the chosen-token and pair
   counts of the whole optimizer batch (summed over micro-batches and data-parallel ranks), so the
   summed gradients equal those of one big batch; dividing each micro-batch's own mean by k would
-  weigh the tokens of a short micro-batch more. DDP averages gradients over ranks, so the loss is
+  weigh the tokens of a short micro-batch more. DDP and FSDP average gradients over ranks, so the loss is
   scaled by the world size to turn that average back into the sum.
 - The guard: a non-finite loss or gradient norm skips the update (gradients are dropped), so weights are
   never touched by NaN; train.py counts the skips and stops after too many in a row.
@@ -92,6 +92,8 @@ def train_step(policy, optimizer, micro_batches, objective, orpo_lambda=None, re
     # clip the global gradient norm to max_grad_norm (0: measure it, clip nothing)
     params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
     grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm > 0 else math.inf)
+    if hasattr(grad_norm, "full_tensor"):  # FSDP: the norm over every rank's shards
+        grad_norm = grad_norm.full_tensor()
     names = sorted(sums)  # the same order on every rank
     summed = all_reduce(torch.stack([torch.as_tensor(sums[name], dtype=torch.float32, device=device)
                                      for name in names]))

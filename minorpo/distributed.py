@@ -1,0 +1,122 @@
+"""Several processes under torchrun: the process group, DDP or FSDP2 wrapping, and what a rank holds.
+
+Data parallel (DDP, the default under torchrun): every rank holds the whole model, its gradients and AdamW's
+moments, and gradients are averaged over ranks. FSDP2 (training.fsdp=true): each rank holds a 1/N shard of
+every parameter, gradient and AdamW moment (DTensors); a layer's weights are gathered whole just before it
+runs and freed after, and gradients are reduce-scattered so each rank keeps only its shard.
+
+Decisions:
+- fully_shard on each decoder layer, then on the whole model (the root: embedding, final norm, head). The
+  training forward calls model.hidden_states, not model(), so it is registered as an FSDP forward method;
+  the root keeps its weights gathered after the forward, so the head (Policy) reads the whole matrix.
+- Gradient accumulation under FSDP reduce-scatters after every micro-batch: gradients stay sharded (1/N of
+  their memory) at the cost of one reduce-scatter per micro-batch; the sum is the same (tests/test_fsdp.py).
+- Mixed precision: bf16 runs gather weights in bf16 and reduce gradients in fp32 (MixedPrecisionPolicy);
+  fp32 runs (the CPU) stay fp32 throughout.
+- Whatever runs the model outside the training step (evaluation, samples) runs on every rank under FSDP:
+  a layer cannot gather its weights from ranks that are not running it.
+"""
+import datetime
+import os
+
+import torch
+import torch.distributed as dist
+
+from minorpo import lora
+from minorpo.config import ConfigError
+
+
+def setup(fsdp, on_cuda):
+    """(launched, rank, world, device): join torchrun's process group if launched by it. FSDP needs torchrun
+    (even for one process: torchrun --nproc_per_node=1), so that one code path shards and gathers."""
+    if "RANK" not in os.environ:
+        if fsdp:
+            raise ConfigError("training.fsdp=true needs torchrun: torchrun --nproc_per_node=N train.py ...")
+        return False, 0, 1, "cuda" if on_cuda else "cpu"
+    # rank 0 alone writes checkpoints while the others wait at the next collective: allow for big ones
+    dist.init_process_group("nccl" if on_cuda else "gloo", timeout=datetime.timedelta(hours=1))
+    device = f"cuda:{os.environ['LOCAL_RANK']}" if on_cuda else "cpu"
+    if on_cuda:
+        torch.cuda.set_device(device)
+    return True, dist.get_rank(), dist.get_world_size(), device
+
+
+def wrap_ddp(policy, device, on_cuda, find_unused):
+    """DDP registers the parameters that require grad at wrap time: the caller makes every one any phase
+    trains trainable first."""
+    import warnings
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    # The only buffers are the RoPE tables, the same on every rank: no need to broadcast them (~40 MB for
+    # Qwen3) before every forward. Newer torch renames the flag and warns; the old one still works.
+    warnings.filterwarnings("ignore", message="`broadcast_buffers` is deprecated")
+    return DDP(policy, device_ids=[device] if on_cuda else None, broadcast_buffers=False,
+               find_unused_parameters=find_unused)
+
+
+def shard(model, bf16):
+    """FSDP2 in place: each decoder layer, then the whole model. Returns {name: parameter} of the model,
+    whose parameters are now new (sharded DTensor) objects: the caller must look its trained ones up again."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 \
+        else MixedPrecisionPolicy()
+    for layer in model.model.layers:
+        fully_shard(layer, mp_policy=policy)
+    fully_shard(model, mp_policy=policy)
+    register_fsdp_forward_method(model, "hidden_states")  # Policy and generate call it, not model()
+    return dict(model.named_parameters())
+
+
+def set_trainable(model, groups):
+    """lora.set_trainable, also under FSDP: the root keeps its weights gathered after a forward (evaluation,
+    samples) and a gathered weight keeps the requires_grad it was gathered with, so release them first."""
+    if hasattr(model, "reshard"):
+        model.reshard()
+    return lora.set_trainable(model, groups)
+
+
+def local(tensor):
+    """The part of a tensor this rank holds: its shard for a DTensor, else the tensor itself."""
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
+
+
+def held_bytes(model, optimizer):
+    """(parameters, gradients, optimizer state) bytes this rank holds, from the tensors themselves."""
+    def size(tensors):
+        return sum(local(t).numel() * local(t).element_size() for t in tensors if torch.is_tensor(t))
+    params = list(model.parameters())
+    moments = [v for s in optimizer.state.values() for v in s.values()]
+    return size(params), size(p.grad for p in params), size(moments)
+
+
+def log_memory_once(model, optimizer, rank, world):
+    """After the first AdamW step (when gradients and moments exist), every rank prints what it holds."""
+    def hook(opt, args, kwargs):
+        handle.remove()
+        mb = [b / 2**20 for b in held_bytes(model, opt)]
+        print(f"[memory] rank {rank} of {world} holds parameters {mb[0]:.2f} MiB + gradients {mb[1]:.2f} MiB + "
+              f"AdamW {mb[2]:.2f} MiB = {sum(mb):.2f} MiB", flush=True)
+    handle = optimizer.register_step_post_hook(hook)
+
+
+def first_nonfinite(trained, launched, device):
+    """The name of a trained parameter holding NaN or inf (its shard, on this rank), `a parameter on another
+    rank`, or None: every rank gets an answer, so they all stop together."""
+    bad = next((name for name, p in trained.items() if not torch.isfinite(local(p)).all()), None)
+    if launched:
+        flag = torch.tensor(float(bad is not None), device=device)
+        dist.all_reduce(flag)
+        if flag.item() and bad is None:
+            return "a parameter on another rank"
+    return bad
+
+
+def gather_model(model, master, build):
+    """The whole trained model on rank 0 as a plain module (build() makes an empty one of the same layout),
+    None on the others: a collective, every rank calls it. final/ and the samples after training use it."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if not master:
+        return None
+    plain = build()
+    plain.load_state_dict(full)
+    return plain
