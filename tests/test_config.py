@@ -108,6 +108,32 @@ def test_on_off_words_stay_words_on_the_command_line(word):
     assert config.load(ORPO, [f"training.compile={word}"])["training"]["compile"] == word
 
 
+def documented_choices():
+    """{dotted key: [words]} from presets/orpo.yml comments that list choices as `a (...) | b: ... | c`."""
+    found, section = {}, ""
+    for line in open(ORPO):
+        key = line.split(":", 1)[0].strip()
+        if not line.startswith(" "):
+            section = key + "." if line.rstrip().endswith(":") else ""
+        if " | " in line.split("#", 1)[-1] and "#" in line:
+            words = [re.match(r"\s*([\w.]+)", part)[1] for part in line.split("#", 1)[1].split(" | ")]
+            found[section + key] = words
+    return found
+
+
+def test_the_presets_document_exactly_the_choices_config_accepts():
+    documented = {key: sorted(words) for key, words in documented_choices().items()}
+    assert documented == {key: sorted(words) for key, words in config.CHOICES.items()}
+
+
+@pytest.mark.parametrize("key,choice", [(k, c) for k, words in sorted(config.CHOICES.items()) for c in words])
+def test_every_documented_choice_is_read_as_typed_on_the_command_line_and_in_a_file(key, choice):
+    assert config.check(key, config.parse_yaml(choice, "cli"), "cli") == choice  # YAML keeps it a word
+    *sections, leaf = key.split(".")
+    text = "".join(f"{'  ' * i}{s}:\n" for i, s in enumerate(sections)) + f"{'  ' * len(sections)}{leaf}: {choice}\n"
+    assert config.flat(config.parse_yaml(text, "p.yml"))[key] == choice
+
+
 def test_on_off_words_stay_words_in_a_file(tmp_path):
     cfg = config.load(write(tmp_path, "training:\n  compile: on\n  orpo_lambda: 1\n"))
     assert cfg["training"]["compile"] == "on"
