@@ -1,23 +1,129 @@
-"""Shared by the tests that run minorpo's entry points in subprocesses."""
+"""Shared by the tests that run minorpo's entry points in subprocesses.
+
+Every entry-point run is a real, separate process, but it is forked from a warm one (the zygote below)
+rather than started afresh: a fresh interpreter spends about 5 s importing torch and torch._dynamo (which
+AdamW's step imports) before train.py's first line, and the suite runs about a hundred of them. The fork
+has already imported them, then runs the script as `python script args` would (runpy, __main__, its own
+cwd, environment, stdin, stdout, stderr, memory cap and exit code). MINORPO_TEST_FRESH=1 starts each run
+afresh instead.
+"""
 import concurrent.futures
+import json
 import os
 import resource
+import signal
 import subprocess
 import sys
+import tempfile
+import threading
+import time
 
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ZYGOTE = r"""
+import json, os, resource, runpy, sys, time, warnings
+warnings.filterwarnings("ignore", message="Failed to initialize NumPy")
+import torch, torch._dynamo, minorpo.checkpoint, minorpo.data  # noqa: E401  what every run would import first
+
+
+def run(job):  # in the forked child: become `python args...` and exit with its code
+    resource.setrlimit(resource.RLIMIT_AS, (job["memory"], job["memory"]))
+    os.chdir(job["cwd"])
+    os.environ.clear()
+    os.environ.update(job["env"])
+    for fd, path, flags in ((0, os.devnull, os.O_RDONLY), (1, job["out"], os.O_WRONLY | os.O_CREAT),
+                            (2, job["err"], os.O_WRONLY | os.O_CREAT)):
+        os.dup2(os.open(path, flags, 0o644), fd)
+    args, code = job["args"], 0
+    try:
+        if args[0] == "-c":
+            sys.argv = ["-c", *args[2:]]
+            exec(compile(args[1], "<string>", "exec"), {"__name__": "__main__"})
+        elif args[0] == "-m":
+            sys.argv = [args[1], *args[2:]]
+            runpy.run_module(args[1], run_name="__main__", alter_sys=True)
+        else:
+            sys.argv, sys.path[0] = list(args), os.path.dirname(os.path.abspath(args[0]))
+            runpy.run_path(args[0], run_name="__main__")
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 0 if e.code is None else 1
+        if not isinstance(e.code, int) and e.code is not None:
+            print(e.code, file=sys.stderr)
+    except BaseException:
+        sys.excepthook(*sys.exc_info())
+        code = 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+buffer, running = b"", {}
+os.set_blocking(0, False)
+while True:
+    try:
+        chunk = os.read(0, 1 << 16)
+        if not chunk:
+            sys.exit(0)  # the test session ended
+        buffer += chunk
+    except BlockingIOError:
+        pass
+    while b"\n" in buffer:
+        line, buffer = buffer.split(b"\n", 1)
+        job = json.loads(line)
+        pid = os.fork()
+        if pid == 0:
+            run(job)
+        running[pid] = job["status"]
+        print(pid, flush=True)
+    while running:
+        pid, status = os.waitpid(-1, os.WNOHANG)
+        if not pid:
+            break
+        path = running.pop(pid)
+        with open(path + ".tmp", "w") as f:
+            f.write(str(os.waitstatus_to_exitcode(status)))
+        os.rename(path + ".tmp", path)  # whole, or not there
+    time.sleep(0.02)
+"""
+_zygote, _lock = None, threading.Lock()
+
+
+def _fresh(args, cwd, timeout, memory_gb, env):
+    def limit():
+        resource.setrlimit(resource.RLIMIT_AS, (memory_gb << 30, memory_gb << 30))
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=cwd, timeout=timeout,
+                          env=env, preexec_fn=limit)
 
 
 def _run(args, cwd=ROOT, timeout=300, memory_gb=6, env=None):
     """Run `python args...` with one thread, a memory cap (address space) and a hang guard of minutes.
     The cap and the timeout turn a regression that eats memory or hangs into a failed test."""
-    def limit():
-        resource.setrlimit(resource.RLIMIT_AS, (memory_gb << 30, memory_gb << 30))
+    global _zygote
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT, **(env or {})}
-    return subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=cwd, timeout=timeout,
-                          env=env, preexec_fn=limit)
+    if os.environ.get("MINORPO_TEST_FRESH"):
+        return _fresh(args, cwd, timeout, memory_gb, env)
+    with _lock:
+        if _zygote is None or _zygote.poll() is not None:
+            _zygote = subprocess.Popen([sys.executable, "-c", ZYGOTE], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                       text=True, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1",
+                                                                 "PYTHONPATH": ROOT})
+    with tempfile.TemporaryDirectory() as folder:
+        job = {"args": list(map(str, args)), "cwd": str(cwd), "env": env, "memory": memory_gb << 30,
+               "out": os.path.join(folder, "out"), "err": os.path.join(folder, "err"),
+               "status": os.path.join(folder, "status")}
+        with _lock:
+            _zygote.stdin.write(json.dumps(job) + "\n")
+            _zygote.stdin.flush()
+            pid = int(_zygote.stdout.readline())
+        deadline = time.time() + timeout
+        while not os.path.exists(job["status"]):
+            if time.time() > deadline:
+                os.kill(pid, signal.SIGKILL)
+                raise subprocess.TimeoutExpired([sys.executable, *args], timeout)
+            time.sleep(0.02)
+        read = lambda name: open(job[name], encoding="utf-8", errors="replace").read()  # noqa: E731
+        return subprocess.CompletedProcess([sys.executable, *args], int(read("status")), read("out"), read("err"))
 
 
 def run_all(jobs, **kwargs):
