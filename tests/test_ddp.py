@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import torch
+from conftest import _run
 from safetensors.torch import load_file
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -13,12 +14,15 @@ COMMON = ["training.max_steps=4", "training.grad_accum_steps=2", "training.log_e
 
 
 def run(out, nproc, *overrides):
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] \
-        if nproc > 1 else [sys.executable]
-    cmd = launcher + [os.path.join(ROOT, "train.py"), os.path.join(ROOT, "presets", "orpo.yml"),
-                      f"output_dir={out}", *COMMON, *overrides]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    p = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300, env=env)
+    """train.py under torchrun with nproc processes, or alone (nproc 1, as conftest runs entry points)."""
+    args = [os.path.join(ROOT, "train.py"), os.path.join(ROOT, "presets", "orpo.yml"), f"output_dir={out}", *COMMON,
+            *overrides]
+    if nproc == 1:
+        p = _run(args)
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args]
+        p = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300,
+                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     return p.stdout
 

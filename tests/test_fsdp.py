@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 
+from conftest import _run
 from safetensors.torch import load_file
 from test_ddp import COMMON, ROOT, assert_close, run, train_rows, weights
 
@@ -83,9 +84,8 @@ def test_the_guard_stops_every_fsdp_rank(tmp_path):
 
 
 def test_fsdp_without_torchrun_is_refused_in_one_line(tmp_path):
-    p = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), os.path.join(ROOT, "presets", "orpo.yml"),
-                        f"output_dir={tmp_path}", "training.fsdp=true"], capture_output=True, text=True, cwd=ROOT,
-                       timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    p = _run([os.path.join(ROOT, "train.py"), os.path.join(ROOT, "presets", "orpo.yml"), f"output_dir={tmp_path}",
+              "training.fsdp=true"])
     assert p.returncode != 0 and "training.fsdp=true needs torchrun" in p.stderr
     assert len(p.stderr.strip().splitlines()) == 1, p.stderr
 

@@ -1,11 +1,10 @@
 """train.py end to end, in subprocesses, on the embedded tiny model and data (a few dozen steps each)."""
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
+from conftest import _run
 from safetensors.torch import load_file
 
 from minorpo import chat, checkpoint, files, lora
@@ -15,10 +14,8 @@ FAST = ["training.log_every=5", "training.eval_every=0", "training.warmup_steps=
 
 
 def train(out, *overrides, preset="orpo", check=True):
-    cmd = [sys.executable, os.path.join(ROOT, "train.py"), os.path.join(ROOT, "presets", f"{preset}.yml"),
-           f"output_dir={out}", *FAST, *overrides]
-    p = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300,
-                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    p = _run([os.path.join(ROOT, "train.py"), os.path.join(ROOT, "presets", f"{preset}.yml"), f"output_dir={out}",
+              *FAST, *overrides])
     if check:
         assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     return p
