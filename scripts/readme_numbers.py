@@ -72,9 +72,8 @@ def sum_mode(orpo, orpo_sum):
     zero = min((step for step, r in orpo_sum[1].items()
                 if all(orpo_sum[1][k]["train/orpo_loss"] < 5e-5 for k in orpo_sum[1] if k >= step)), default=None)
     return (f"by step {last} the log odds ratio is {summed['train/log_odds']:+.2f} ({mean['train/log_odds']:+.2f} with "
-            f"the mean) and L_OR is {summed['train/orpo_loss']:.1e} ({mean['train/orpo_loss']:.3f} with the mean), "
-            "too little gradient to keep pushing the answers apart"
-            + (f"; it prints as 0.0000 from step {zero} on" if zero is not None else ""))
+            f"the mean) and L_OR averages {summed['train/orpo_loss']:.3f} ({mean['train/orpo_loss']:.3f} with the mean)"
+            + (f"; L_OR prints as 0.0000 from step {zero} on" if zero is not None else ""))
 
 
 def bench(*args):
