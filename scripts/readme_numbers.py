@@ -1,6 +1,7 @@
 """Regenerate every number in README.md from real runs of today's code (needs only minorpo's dependencies).
 
-    python scripts/readme_numbers.py   # a few minutes on 2 CPU cores; rewrites README.md, docs/sft-vs-orpo.svg
+    python scripts/readme_numbers.py                # a few minutes on 2 CPU cores; rewrites README.md, the SVG
+    python scripts/readme_numbers.py --only memory  # one block (torchrun runs: needs no quiet CPU)
 
 It runs the embedded default three ways (ORPO, SFT, ORPO with sequence-sum log-probs) into a temporary
 folder, reads their metrics.jsonl and wall times, and replaces the text between each pair of
@@ -103,18 +104,49 @@ def packing():
     return "\n" + "\n".join(lines) + "\n"
 
 
-def main():
-    argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args()
-    env_threads = os.environ.get("OMP_NUM_THREADS")
+def memory():
+    """Bytes each rank holds after one step ([memory] lines): one process, then FSDP on 1 and 2 ranks."""
+    lora = "training.phases=[{step: 0, trainable: [lora, attn_lora]}]"
+    runs = [("full fine-tuning, no FSDP", 1, False, []), ("full fine-tuning, FSDP", 1, True, []),
+            ("full fine-tuning, FSDP", 2, True, []), ("LoRA r16, FSDP", 1, True, [lora]),
+            ("LoRA r16, FSDP", 2, True, [lora])]
+    lines = ["| run (the tiny default model) | ranks | parameters | gradients | AdamW | total per rank |",
+             "|---|---|---|---|---|---|"]
     with tempfile.TemporaryDirectory() as out:
-        orpo = run(out, "orpo")
-        sft = run(out, "sft")
-        orpo_sum = run(out, "orpo", "loss.logp_reduction=sum", "run_name=orpo-sum")
-        packed = packing()
-        svg = plot.write_svg([os.path.join(out, "sft"), os.path.join(out, "orpo")],  # SFT blue, ORPO orange
-                             os.path.join(ROOT, "docs", "sft-vs-orpo.svg"))
-    blocks = {"table": "\n" + table(orpo, sft) + "\n", "summary": summary(orpo, sft), "sum": sum_mode(orpo, orpo_sum),
-              "time": f"{orpo[2]:.0f} s", "packing": packed}
+        for i, (label, ranks, fsdp, extra) in enumerate(runs):
+            launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}"] if fsdp else []
+            args = [sys.executable, *launcher, "train.py", "presets/orpo.yml", f"output_dir={out}", f"run_name=m{i}",
+                    "training.max_steps=1", "training.batch_size=4", "training.eval_every=0", "sample.max_new_tokens=1",
+                    *(["training.fsdp=true"] if fsdp else []), *extra]
+            p = subprocess.run(args, cwd=ROOT, capture_output=True, text=True,
+                               env={**os.environ, "OMP_NUM_THREADS": "1"})
+            found = re.search(r"\[memory\] rank 0 of \d+ holds parameters ([\d.]+) MiB \+ gradients ([\d.]+) MiB \+ "
+                              r"AdamW ([\d.]+) MiB = ([\d.]+) MiB", p.stdout)
+            if p.returncode or not found:
+                sys.exit(f"{' '.join(args[1:])} failed:\n{p.stderr[-2000:]}")
+            lines.append(f"| {label} | {ranks} | " + " | ".join(f"{x} MiB" for x in found.groups()) + " |")
+    return "\n" + "\n".join(lines) + "\n"
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--only", default="", help="comma list of the blocks to rewrite (default: all): table, summary, "
+                                               "sum, time (the training runs and the SVG), packing, memory")
+    only = set(filter(None, ap.parse_args().only.split(","))) or {"table", "packing", "memory"}
+    env_threads, blocks = os.environ.get("OMP_NUM_THREADS"), {}
+    if only & {"table", "summary", "sum", "time"}:
+        with tempfile.TemporaryDirectory() as out:
+            orpo = run(out, "orpo")
+            sft = run(out, "sft")
+            orpo_sum = run(out, "orpo", "loss.logp_reduction=sum", "run_name=orpo-sum")
+            plot.write_svg([os.path.join(out, "sft"), os.path.join(out, "orpo")],  # SFT blue, ORPO orange
+                           os.path.join(ROOT, "docs", "sft-vs-orpo.svg"))
+        blocks.update({"table": "\n" + table(orpo, sft) + "\n", "summary": summary(orpo, sft),
+                       "sum": sum_mode(orpo, orpo_sum), "time": f"{orpo[2]:.0f} s"})
+    if "packing" in only:
+        blocks["packing"] = packing()
+    if "memory" in only:
+        blocks["memory"] = memory()
     path = os.path.join(ROOT, "README.md")
     with open(path) as f:
         text = f.read()
@@ -125,8 +157,9 @@ def main():
         text = pattern.sub(lambda m: m.group(1) + body + m.group(2), text)
     with open(path, "w") as f:
         f.write(text)
-    print(json.dumps({k: v for k, v in blocks.items() if k not in ("table", "packing")}, indent=1) + packed)
-    print(f"README.md and {os.path.relpath(svg, ROOT)} updated (OMP_NUM_THREADS={env_threads or 'unset'})")
+    for name, body in blocks.items():
+        print(f"[{name}] {body.strip()}")
+    print(f"README.md updated: {', '.join(blocks)} (OMP_NUM_THREADS={env_threads or 'unset'})")
 
 
 if __name__ == "__main__":
