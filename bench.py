@@ -87,10 +87,9 @@ def batches_for(shape, pairs, layout, data_name):
     else:
         lo, hi, max_len = (8, 32, 64) if shape.startswith("tiny") else (32, 512, 1024)
         groups = [protocol_examples(pairs, SHAPES[shape][1].vocab_size, lo, hi, max_len)]
-    pad = (lambda exs: packing.pack(exs, 0, packing.row_budget(exs, max_len))) if layout == "packed" else \
-        (lambda exs: batches.collate(exs, 0))
+    collate = packing.collate_for(layout, 0, max_len)  # as train.py builds its micro-batches
     real = [sum(len(ids) for e in exs for ids, _ in batches.rows_of(e)) for exs in groups]  # both rows of a pair
-    return [pad(exs) for exs in groups], real
+    return [collate(exs) for exs in groups], real
 
 
 def run(shape, kind, pairs, compile_layers, grad_ckpt, chunk_size, steps, warmup, layout="padded", data_name=None):
