@@ -81,9 +81,12 @@ while True:
         if not pid:
             break
         path = running.pop(pid)
-        with open(path + ".tmp", "w") as f:
-            f.write(str(os.waitstatus_to_exitcode(status)))
-        os.rename(path + ".tmp", path)  # whole, or not there
+        try:
+            with open(path + ".tmp", "w") as f:
+                f.write(str(os.waitstatus_to_exitcode(status)))
+            os.rename(path + ".tmp", path)  # whole, or not there
+        except OSError:  # the caller gave up (its hang guard) and removed the folder
+            pass
     time.sleep(0.02)
 """
 _zygote, _lock = None, threading.Lock()
