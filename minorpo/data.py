@@ -5,19 +5,15 @@
     # {"chosen_input_ids", "chosen_labels", "rejected_input_ids", "rejected_labels"}, sft {"input_ids", "labels"}
 
 Decisions (ids and labels built together, one segment at a time, as nanochat does):
-- The prompt and each response are separate segments, so the boundary is exact and the prompt ids are
-  those generation sees; a response ends with `<|im_end|>` (chatml) or `<|endoftext|>` (raw), lost when
-  cut, so the model never learns to stop at a cut. No BOS. Template tokens are inserted by id and data
-  text encodes special-token text as plain characters: a `<|im_end|>` in a row cannot forge a turn.
-- Rows left with no label tokens by truncation, empty responses, and chosen equal to rejected (as text,
-  or as tokens after truncation) are dropped and reported with their line numbers: a mean over zero
-  tokens is 0/0 = NaN; the odds ratio of identical answers is noise.
-- Memory and time follow max_length, not the file: a line over max(1 MiB, 64 bytes x max_length) is
-  skipped unread and reported; strings are cut to CHARS_PER_TOKEN x max_length characters before
-  tokenizing. A malformed line is one line of error: `file:line`, the problem, the layout expected.
-- Layouts: a prompt is a string or a list of {"role", "content"} messages; an answer is a string or a
-  transcript (messages, or HH's "Human: ... Assistant: ..." string) whose earlier turns are the prompt.
-  task=preference with no prompt takes chosen and rejected's shared beginning. template=raw: one text.
+- Prompt and responses are separate segments: an exact boundary, and the prompt ids generation sees. A
+  response ends with `<|im_end|>` (chatml) or `<|endoftext|>` (raw), lost when cut: no learning to stop at
+  a cut. No BOS. Template tokens go in by id; special-token text in data is plain text: it cannot forge a turn.
+- Rows with no label tokens after truncation, an empty response, or chosen equal to rejected (as text, or
+  as tokens after truncation) are dropped and reported by line: 0/0 = NaN; identical answers are noise.
+- Memory and time follow max_length, not the file: a line over max(1 MiB, 64 bytes x max_length) is skipped
+  unread and reported; strings are cut to CHARS_PER_TOKEN x max_length characters before tokenizing.
+- A malformed line is one line of error: `file:line`, the problem, the layout expected (LAYOUTS; a prompt
+  or answer may be messages or an HH "Human: ... Assistant: ..." transcript, see _turns).
 """
 import json
 import os
@@ -76,9 +72,8 @@ def _template_ids(tokenizer, template):
     """Special token ids the template writes: turn start and end (chatml), end of text (both)."""
     names = {"start": "<|im_start|>", "end": "<|im_end|>", "eot": "<|endoftext|>"} if template == "chatml" \
         else {"end": "<|endoftext|>", "eot": "<|endoftext|>"}
-    for token in names.values():
-        if tokenizer.token_to_id(token) is None:
-            raise DataError(f"the tokenizer has no {token} token, which data.template={template} needs")
+    if missing := [token for token in names.values() if tokenizer.token_to_id(token) is None]:
+        raise DataError(f"the tokenizer has no {missing[0]} token, which data.template={template} needs")
     return {key: tokenizer.token_to_id(token) for key, token in names.items()}
 
 
@@ -243,8 +238,7 @@ def prompt_ids(tokenizer, prompt, template="chatml"):
 def _processed(row, task, where, vocab_size):
     """(prompt (ids, labels), [answer (ids, labels)]) of a pre-tokenized row, checked strictly."""
     keys = PAIR_KEYS if task != "sft" else PAIR_KEYS[:2] if "chosen_input_ids" in row else SFT_KEYS
-    problem = example_problem(row, keys, vocab_size)
-    if problem:
+    if problem := example_problem(row, keys, vocab_size):
         raise DataError(f"{where}: {problem} (task {task} with data.format=processed expects "
                         f"{{{', '.join(map(json.dumps, keys))}}})")
     return segments(dict(zip(PAIR_KEYS if len(keys) == 4 else SFT_KEYS, (row[key] for key in keys))))
@@ -275,12 +269,13 @@ def make_examples(rows, tokenizer, task, fmt="raw", template="chatml", max_lengt
     prompted_preference; fmt: raw (text, tokenized with the chat template) | processed (ids and labels)."""
     filtered = {reason: [] for reason in FILTERS}  # reason -> the where of every row it dropped
     ids = _template_ids(tokenizer, template) if fmt == "raw" else None
+    vocab_size = max(tokenizer.get_vocab(with_added_tokens=True).values()) + 1  # ids may have gaps: the largest + 1
     parsed, places = [], []
     for where, row in rows:
         try:
             if isinstance(row, TooLong):
                 raise _Filtered(TOO_LONG)
-            parsed.append(_processed(row, task, where, tokenizer.get_vocab_size()) if fmt == "processed" else
+            parsed.append(_processed(row, task, where, vocab_size) if fmt == "processed" else
                           _render(row, task, template, ids, where, CHARS_PER_TOKEN * max_length))
             places.append(where)
         except _Filtered as reason:
