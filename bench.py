@@ -13,6 +13,7 @@ docs/benchmark.md. scripts/gpu_check.py runs it beside the Hugging Face baseline
 import argparse
 import contextlib
 import json
+import os
 import statistics
 import sys
 import time
@@ -21,7 +22,7 @@ import warnings
 warnings.filterwarnings("ignore", message="Failed to initialize NumPy")  # torch's note; minorpo needs no NumPy
 import torch  # noqa: E402
 
-from minorpo import batches, data, lora, packing, step, tiny  # noqa: E402
+from minorpo import batches, config, data, lora, packing, step, tiny  # noqa: E402
 from minorpo.loss import IGNORE_INDEX  # noqa: E402
 from minorpo.model import ModelConfig, Qwen  # noqa: E402
 from minorpo.qwen35 import Qwen35, Qwen35Config  # noqa: E402
@@ -68,15 +69,17 @@ def protocol_examples(pairs, vocab_size, lo=32, hi=512, max_len=1024, seed=0):
     return examples
 
 
-def embedded_examples(batch_size=16, max_length=128, max_prompt_length=64):
-    """The embedded default's micro-batches (presets/orpo.yml: tiny data, 16 pairs, max_length 128) in
-    epoch 0's order, tokenized as train.py does."""
-    tokenizer = tiny.build_tokenizer()
+def embedded_examples():
+    """The embedded default's micro-batches in epoch 0's order, tokenized and grouped as train.py does with
+    presets/orpo.yml's data and batch settings (read from the preset, so the two cannot drift apart)."""
+    cfg = config.load(os.path.join(os.path.dirname(os.path.abspath(__file__)), "presets", "orpo.yml"))
+    d = cfg["data"]
     rows = [(f"tiny:{i + 1}", row) for i, row in enumerate(tiny.make_pairs(2000))]
-    examples, _ = data.make_examples(rows, tokenizer, "prompted_preference", max_length=max_length,
-                                     max_prompt_length=max_prompt_length)
-    order = batches.batch_order([batches.example_length(e) for e in examples], batch_size, seed=0, epoch=0)
-    return [[examples[i] for i in idx] for idx in order], max_length
+    examples, _ = data.make_examples(rows, tiny.build_tokenizer(), d["task"], template=d["template"],
+                                     max_length=d["max_length"], max_prompt_length=d["max_prompt_length"])
+    order = batches.batch_order([batches.example_length(e) for e in examples], cfg["training"]["batch_size"],
+                                cfg["seed"], epoch=0, group_by_length=d["group_by_length"])
+    return [[examples[i] for i in idx] for idx in order], d["max_length"]
 
 
 def batches_for(shape, pairs, layout, data_name):
@@ -161,7 +164,7 @@ def main():
     ap.add_argument("--layout", choices=["packed", "padded"], default="packed",
                     help="packed: each prompt once, pairs share rows (minorpo/packing.py) | padded: a row per answer")
     ap.add_argument("--data", choices=["protocol", "tiny"], default="protocol",
-                    help="protocol: the fixed synthetic batch | tiny: the embedded default's micro-batches (with --tiny)")
+                    help="protocol: the fixed synthetic batch | tiny: the embedded default's batches on its model")
     a = ap.parse_args()
     shape = "tiny-default" if a.data == "tiny" else "tiny" if a.tiny else a.shape
     if not shape.startswith("tiny") and not torch.cuda.is_available():
