@@ -1,15 +1,14 @@
-"""Configuration: a YAML preset, then `key=value` overrides, checked against DEFAULTS.
+"""Configuration: a YAML preset, then `key=value` overrides, each checked against presets/orpo.yml.
 
     python train.py presets/orpo.yml training.orpo_lambda=0.2 data.path=pairs.jsonl
 
-Decisions:
-- DEFAULTS is the schema: a key's type is its default's type; CHOICES and RANGES hold the allowed words
-  and intervals. An unknown key gets a "did you mean": a silently ignored typo costs a whole run.
-- A preset may come from someone else, so it is read strictly: at most 1 MB of UTF-8, no duplicate keys
-  (the later would silently win), no anchors or aliases (a few nested aliases expand to gigabytes).
-- Booleans are only true and false: YAML 1.1 would turn `compile: on` into True. `1e-4` is a number.
-- Every number must be finite and in range before anything runs: `learning_rate=inf` would train for an
-  hour and save NaN weights.
+presets/orpo.yml is the schema. Each key's value there is its default and sets its type; its comment (what
+`--help` prints) gives the allowed words as `a | b | c` and the allowed numbers as an interval ([ ] include
+the bound, ( ) exclude it). A preset may leave keys out, as a nanoGPT config overrides some of train.py's
+globals, except training.orpo_lambda: as in EulerForge's ORPO tutorial an orpo preset must set it, since the
+right value depends on whether the model had SFT first. Every number is checked finite and in range before
+anything runs (`learning_rate=inf` would train for an hour and save NaN weights), and an unknown key gets a
+"did you mean" (a silently ignored typo costs a whole run). files.read_yaml reads the preset strictly.
 """
 import copy
 import difflib
@@ -19,50 +18,11 @@ import re
 
 import yaml
 
-from minorpo.files import UserError, atomic_write
+from minorpo.files import UserError, atomic_write, parse_yaml, read_yaml
 
 
 class ConfigError(UserError):
     """A problem with a preset or an override; the message names the key and the fix."""
-
-
-GROUPS = ("lora", "attn_lora", "embed", "norm", "head", "all")  # trainable groups (minorpo/lora.py)
-NULLABLE = {"training.orpo_lambda": float, "training.resume_from": str, "data.eval_path": str}  # None or this
-DEFAULTS = {
-    "run_name": "orpo", "output_dir": "outputs", "model_name": "tiny", "seed": 0, "device": "auto",
-    "precision": "auto",
-    "data": {"path": "tiny", "format": "raw", "task": "prompted_preference", "template": "chatml",
-             "max_length": 512, "max_prompt_length": 256, "eval_fraction": 0.05, "eval_path": None,
-             "group_by_length": True, "layout": "packed"},
-    "training": {"type": "orpo", "orpo_lambda": None, "learning_rate": 5e-5, "min_lr_ratio": 0.1,
-                 "warmup_steps": 10, "max_steps": 100, "batch_size": 8, "grad_accum_steps": 1,
-                 "weight_decay": 0.0, "max_grad_norm": 1.0,
-                 "phases": [{"step": 0, "trainable": ["lora", "attn_lora"]}],
-                 "log_every": 10, "eval_every": 50, "save_every": 0, "keep_checkpoints": 3, "resume_from": None,
-                 "max_bad_steps": 10, "compile": "auto", "gradient_checkpointing": False,
-                 "fsdp": False},
-    "loss": {"logp_reduction": "mean", "head_chunk_size": 4096},
-    "lora": {"rank": 16, "alpha": 32.0, "dropout": 0.0, "targets": ["gate_proj", "up_proj", "down_proj"],
-             "attn_targets": ["q_proj", "v_proj"], "start_layer": 0, "num_layers": 0},
-    "sample": {"prompts": [], "max_new_tokens": 48, "temperature": 0.0, "top_p": 1.0},
-}
-CHOICES = {"device": ("auto", "cpu", "cuda"), "precision": ("auto", "fp32", "bf16"),
-           "data.format": ("raw", "processed"), "data.task": ("sft", "preference", "prompted_preference"),
-           "data.template": ("chatml", "raw"), "data.layout": ("packed", "padded"), "training.type": ("sft", "orpo"),
-           "training.compile": ("auto", "on", "off"), "loss.logp_reduction": ("mean", "sum")}
-BIG = 10**9
-RANGES = {  # interval notation: [ and ] include the bound, ( and ) exclude it
-    "seed": f"[0, {2**31 - 1}]", "data.max_length": "[2, 1048576]", "data.max_prompt_length": "[1, 1048576]",
-    "data.eval_fraction": "[0, 1)", "training.orpo_lambda": "(0, 1000]", "training.learning_rate": "(0, 1]",
-    "training.min_lr_ratio": "[0, 1]", "training.warmup_steps": f"[0, {BIG}]", "training.max_steps": f"[1, {BIG}]",
-    "training.batch_size": "[1, 65536]", "training.grad_accum_steps": "[1, 65536]",
-    "training.weight_decay": "[0, 10]", "training.max_grad_norm": "[0, 1000000]", "training.log_every": f"[1, {BIG}]",
-    "training.eval_every": f"[0, {BIG}]", "training.save_every": f"[0, {BIG}]", "training.keep_checkpoints": "[1, 1000]",
-    "training.max_bad_steps": "[1, 1000000]", "loss.head_chunk_size": "[1, 1048576]", "lora.rank": "[1, 65536]",
-    "lora.alpha": "(0, 1000000]", "lora.dropout": "[0, 1)", "lora.start_layer": "[0, 4096]",
-    "lora.num_layers": "[0, 4096]", "sample.max_new_tokens": "[1, 65536]", "sample.temperature": "[0, 100]",
-    "sample.top_p": "(0, 1]",
-}
 
 
 def flat(tree, prefix=""):
@@ -73,53 +33,26 @@ def flat(tree, prefix=""):
     return out
 
 
-class _StrictLoader(yaml.SafeLoader):
-    """PyYAML's safe loader without anchors, aliases, duplicate keys, dates, or on/off/yes/no booleans."""
-    yaml_implicit_resolvers = {c: [(tag, rx) for tag, rx in rs if tag.rsplit(":", 1)[1] not in ("bool", "int", "timestamp")]
-                               for c, rs in yaml.SafeLoader.yaml_implicit_resolvers.items()}
-
-    def compose_node(self, parent, index):
-        event = self.peek_event()
-        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None):
-            raise ConfigError(f"{self.name}:{event.start_mark.line + 1}: YAML anchors and aliases (& and *) "
-                              "are not allowed in a preset; write the value out")
-        return super().compose_node(parent, index)
-
-    def construct_mapping(self, node, deep=False):
-        seen = set()
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=deep)
-            if key in seen:
-                raise ConfigError(f"{self.name}:{key_node.start_mark.line + 1}: duplicate key `{key}`; "
-                                  "keep one of them")
-            seen.add(key)
-        return super().construct_mapping(node, deep)
+def documented(text):
+    """{dotted key: (value as written, comment)} for each `key: value  # comment` line of a preset's text."""
+    found, section = {}, ""
+    for line in text.splitlines():
+        if match := re.match(r"^( *)(\w+):\s*([^#]*?)\s*(?:#\s*(.*))?$", line):
+            indent, key, value, comment = match.groups()
+            section = section if indent else "" if value else key + "."
+            found[section + key if indent else key] = (value, comment or "")
+    return found
 
 
-_StrictLoader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
-                                    list("tTfF"))
-_StrictLoader.add_implicit_resolver("tag:yaml.org,2002:int", re.compile(r"^[-+]?[0-9]{1,30}$"), list("-+0123456789"))
-_StrictLoader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
-                                    list("-+0123456789"))
-
-
-def parse_yaml(text, name):
-    """Parse YAML text strictly; `name` (a file, or `key=value` on the command line) starts every error."""
-    loader = None
-    try:
-        loader = _StrictLoader(text)  # already reads the text: it refuses control characters
-        loader.name = name
-        return loader.get_single_data()
-    except (yaml.YAMLError, ValueError, TypeError, RecursionError) as e:  # also a key no mapping can hold
-        mark = getattr(e, "problem_mark", None)
-        raise ConfigError(f"{name}{f':{mark.line + 1}' if mark else ''}: not valid YAML "
-                          f"({getattr(e, 'problem', None) or str(e).splitlines()[0]})") from None
-    finally:
-        if loader:
-            loader.dispose()
-
-
-SURROGATE = re.compile("[\ud800-\udfff]")  # half of a UTF-16 pair: not a character, cannot be written as UTF-8
+PRESETS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "presets")
+DEFAULTS, _text = read_yaml(os.path.join(PRESETS, "orpo.yml"))
+HELP = {key: line for key, line in documented(_text).items() if key in flat(DEFAULTS)}
+CHOICES = {key: [word.split()[0].rstrip(":") for word in comment.split(" | ")]
+           for key, (_, comment) in HELP.items() if " | " in comment}
+INTERVAL = re.compile(r"([\[(])(-?[\d.e+]+), (-?[\d.e+]+)([\])])")  # (0, 1] in a comment
+RANGES = {key: match for key, (_, comment) in HELP.items() if (match := INTERVAL.search(comment))}
+NULLABLE = {"training.orpo_lambda": float, "training.resume_from": str, "data.eval_path": str}  # None or this
+GROUPS = ("lora", "attn_lora", "embed", "norm", "head", "all")  # trainable groups (minorpo/lora.py)
 
 
 def shown(value):
@@ -133,26 +66,23 @@ def check(key, value, where):
     want = NULLABLE.get(key) or type(flat(DEFAULTS)[key])
     if value is None and key in NULLABLE:
         return None
-    if want is float and type(value) is int:
-        value = float(value)
+    value = float(value) if want is float and type(value) is int else value
     if type(value) is not want:
         kind = {bool: "true or false", int: "an integer", float: "a number", str: "a string", list: "a list"}[want]
         raise ConfigError(f"{where}: `{key}` must be {kind}{' or null' if key in NULLABLE else ''}, got {shown(value)}")
     if key in CHOICES and value not in CHOICES[key]:
         raise ConfigError(f"{where}: `{key}` must be one of {' | '.join(CHOICES[key])}, got {shown(value)}")
-    if key in RANGES:
-        low, high = (float(x) for x in RANGES[key][1:-1].split(","))
-        interval = RANGES[key]
-        inside = (low < value if interval[0] == "(" else low <= value) and \
-                 (value < high if interval[-1] == ")" else value <= high)
-        if not (inside and math.isfinite(value)):
-            raise ConfigError(f"{where}: `{key}` must be in {interval}, got {value}")
-    texts = value if isinstance(value, list) else [value]
-    if any(isinstance(text, str) and SURROGATE.search(text) for text in texts):
-        raise ConfigError(f"{where}: `{key}` holds a lone surrogate (\\ud800-\\udfff), which is not text; "
-                          "write the character itself or fix the file's encoding")
+    if match := RANGES.get(key):
+        opening, low, high, closing = match[1], float(match[2]), float(match[3]), match[4]
+        if not (math.isfinite(value) and (low < value if opening == "(" else low <= value)
+                and (value < high if closing == ")" else value <= high)):
+            raise ConfigError(f"{where}: `{key}` must be in {match[0]}, got {value}")
     if isinstance(value, list) and key != "training.phases" and not all(isinstance(x, str) for x in value):
         raise ConfigError(f"{where}: `{key}` must be a list of strings like [q_proj, v_proj], got {shown(value)}")
+    texts = value if isinstance(value, list) else [value]
+    if any(isinstance(text, str) and re.search("[\ud800-\udfff]", text) for text in texts):
+        raise ConfigError(f"{where}: `{key}` holds a lone surrogate (\\ud800-\\udfff), which is not text; "
+                          "write the character itself or fix the file's encoding")
     return value
 
 
@@ -165,17 +95,14 @@ def set_key(cfg, key, value, where):
         close = difflib.get_close_matches(key[:100], keys, n=1, cutoff=0.6)
         raise ConfigError(f"{where}: unknown config key `{key if len(key) <= 80 else key[:60] + '...'}`;" +
                           (f" did you mean `{close[0]}`?" if close else " `python train.py --help` lists them"))
-    *sections, leaf = key.split(".")
-    node = cfg
-    for section in sections:
-        node = node[section]
-    node[leaf] = check(key, value, where)
+    section, _, leaf = key.rpartition(".")  # sections are one level deep
+    (cfg[section] if section else cfg)[leaf] = check(key, value, where)
 
 
-def validate(cfg, where):
-    """The checks that involve more than one key."""
+def validate(cfg, given, where):
+    """The checks that involve more than one key; `given` is the set of keys the preset or an override set."""
     train, data = cfg["training"], cfg["data"]
-    if train["type"] == "orpo" and train["orpo_lambda"] is None:
+    if train["type"] == "orpo" and (train["orpo_lambda"] is None or "training.orpo_lambda" not in given):
         raise ConfigError(f"{where}: `training.orpo_lambda` is required for training.type: orpo (the paper used "
                           "0.1 to 0.25; 1.0 for ORPO alone); set e.g. training.orpo_lambda=0.1")
     if (train["type"] == "sft") != (data["task"] == "sft"):
@@ -212,56 +139,31 @@ def parse_args(argv):
 
 def load(path, overrides=()):
     """Read a preset, apply key=value overrides, check. Returns the resolved nested dict."""
-    if not os.path.isfile(path):
-        raise ConfigError(f"{path}: preset file not found (presets/ has the shipped ones)")
-    if os.path.getsize(path) > 1 << 20:
-        raise ConfigError(f"{path}: a preset is at most 1 MB; this one is {os.path.getsize(path):,} bytes")
-    with open(path, "rb") as f:
-        raw = f.read()
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = raw[:e.start].count(b"\n") + 1
-        raise ConfigError(f"{path}:{line}: not UTF-8 text; save the preset as UTF-8") from None
-    tree = parse_yaml(text, path) or {}
-    if not isinstance(tree, dict):
-        raise ConfigError(f"{path}: a preset is a mapping of keys to values, like presets/orpo.yml")
-    cfg = copy.deepcopy(DEFAULTS)
-    for key, value in flat(tree).items():
-        set_key(cfg, key, value, path)
+    settings = [(key, value, path) for key, value in flat(read_yaml(path)[0]).items()]
     for assignment in overrides:
         key, text = assignment.split("=", 1)
         where = f"`{assignment}`" if len(assignment) <= 80 else f"`{assignment[:60]}...`"  # one short line
-        set_key(cfg, key.strip(), parse_yaml(text, where), where)
-    return validate(cfg, path + (" + overrides" if overrides else ""))
-
-
-def dump(cfg):
-    """The resolved config as YAML text, keys in DEFAULTS' order."""
-    return yaml.safe_dump(cfg, sort_keys=False, default_flow_style=False)
+        settings.append((key.strip(), parse_yaml(text, where), where))
+    cfg = copy.deepcopy(DEFAULTS)
+    for key, value, where in settings:
+        set_key(cfg, key, value, where)
+    return validate(cfg, {key for key, _, _ in settings}, path + (" + overrides" if overrides else ""))
 
 
 def save(cfg, run_dir):
-    """Write the resolved config to run_dir/config.yml (atomically)."""
+    """Write the resolved config to run_dir/config.yml (atomically), keys in presets/orpo.yml's order."""
     atomic_write(os.path.join(run_dir, "config.yml"), dump(cfg))
 
 
+def dump(cfg):
+    """The resolved config as YAML text."""
+    return yaml.safe_dump(cfg, sort_keys=False, default_flow_style=False)
+
+
 def help_text():
-    """What `python train.py --help` prints: the shipped presets, then every key as presets/orpo.yml sets it,
-    with the comment that explains it."""
-    folder = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "presets")
+    """What `python train.py --help` prints: the shipped presets, then every key of presets/orpo.yml."""
     lines = ["usage: python train.py PRESET.yml [key=value ...]", "", "presets:"]
-    lines += [f"  presets/{name}" for name in sorted(os.listdir(folder)) if name.endswith(".yml")]
+    lines += [f"  presets/{name}" for name in sorted(os.listdir(PRESETS)) if name.endswith(".yml")]
     lines += ["", "keys, with their values in presets/orpo.yml (override any with key=value):"]
-    keys, section = flat(DEFAULTS), ""
-    with open(os.path.join(folder, "orpo.yml")) as f:
-        for line in f:
-            match = re.match(r"^( *)(\w+):\s*([^#]*?)\s*(?:#\s*(.*))?$", line)
-            if not match:
-                continue
-            indent, key, value, comment = match.groups()
-            if not indent:
-                section = "" if value else key + "."
-            if section + key in keys:
-                lines.append(f"  {section + key}={value or '...'}".ljust(40) + f" {comment or ''}")
+    lines += [f"  {key}={value or '...'}".ljust(40) + f" {comment}" for key, (value, comment) in HELP.items()]
     return "\n".join(lines)

@@ -8,16 +8,21 @@ Decisions:
   minorpo dependency). Reading checks the whole header before a byte of tensor data is read or allocated.
 - A file someone else gave (a model, an adapter, a checkpoint) is read only through file_inside, and its
   JSON is capped in size, so nothing it says can make minorpo read elsewhere or exhaust memory.
+- YAML (a preset) is read strictly: at most 1 MB of UTF-8, no duplicate keys (the later would silently win),
+  no anchors or aliases (a few nested aliases expand to gigabytes), and only true and false are booleans
+  (YAML 1.1 reads `compile: on` as True). `1e-4` is a number, as it is in Python.
 """
 import contextlib
 import ctypes
 import json
 import os
+import re
 import shutil
 import struct
 import uuid
 
 import torch
+import yaml
 from safetensors import SafetensorError, safe_open
 
 class UserError(ValueError):
@@ -31,10 +36,10 @@ def file_inside(folder, name, what="file"):
     root = os.path.realpath(folder)
     real = os.path.realpath(os.path.join(folder, name))
     if os.path.commonpath([root, real]) != root:
-        raise UserError(f"{os.path.join(folder, name)}: the {what} resolves to {real}, outside {folder}; refused")
+        raise UserError(f"{os.path.join(folder, name)}: the preset resolves to {real}, outside {folder}; refused")
     if not os.path.isfile(real):
         kind = "a folder" if os.path.isdir(real) else "missing" if not os.path.exists(real) else "not a regular file"
-        raise UserError(f"{os.path.join(folder, name)}: the {what} is {kind}; expected a regular file")
+        raise UserError(f"{os.path.join(folder, name)}: the preset is {kind}; expected a regular file")
     return real
 
 
@@ -61,6 +66,70 @@ def read_json(path, fix):
     if not isinstance(value, dict):
         raise UserError(f"{path}: expected a JSON object {{...}}, got {type(value).__name__}; {fix}")
     return value
+
+
+class _StrictYAML(yaml.SafeLoader):
+    """PyYAML's safe loader without anchors, aliases, duplicate keys, dates, or on/off/yes/no booleans."""
+    yaml_implicit_resolvers = {c: [(tag, rx) for tag, rx in rs if tag.rsplit(":", 1)[1] not in ("bool", "int", "timestamp")]
+                               for c, rs in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+
+    def compose_node(self, parent, index):
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None):
+            raise UserError(f"{self.name}:{event.start_mark.line + 1}: YAML anchors and aliases (& and *) "
+                            "are not allowed in a preset; write the value out")
+        return super().compose_node(parent, index)
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise UserError(f"{self.name}:{key_node.start_mark.line + 1}: duplicate key `{key}`; "
+                                "keep one of them")
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+_StrictYAML.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                                  list("tTfF"))
+_StrictYAML.add_implicit_resolver("tag:yaml.org,2002:int", re.compile(r"^[-+]?[0-9]{1,30}$"), list("-+0123456789"))
+_StrictYAML.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+                                  list("-+0123456789"))
+
+
+def parse_yaml(text, name):
+    """Parse YAML text strictly; `name` (a file, or `key=value` on the command line) starts every error."""
+    loader = None
+    try:
+        loader = _StrictYAML(text)  # reading the text already refuses control characters
+        loader.name = name
+        return loader.get_single_data()
+    except (yaml.YAMLError, ValueError, TypeError, RecursionError) as e:  # also a key no mapping can hold
+        mark = getattr(e, "problem_mark", None)
+        raise UserError(f"{name}{f':{mark.line + 1}' if mark else ''}: not valid YAML "
+                        f"({getattr(e, 'problem', None) or str(e).splitlines()[0]})") from None
+    finally:
+        if loader:
+            loader.dispose()
+
+
+def read_yaml(path):
+    """(the mapping in a YAML preset, its text): at most 1 MB of UTF-8, parsed strictly."""
+    if not os.path.isfile(path):
+        raise UserError(f"{path}: preset file not found (presets/ has the shipped ones)")
+    if os.path.getsize(path) > 1 << 20:
+        raise UserError(f"{path}: a preset is at most 1 MB; this one is {os.path.getsize(path):,} bytes")
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}:{raw[:e.start].count(10) + 1}: not UTF-8 text; save the preset as UTF-8") from None
+    tree = parse_yaml(text, path) or {}
+    if not isinstance(tree, dict):
+        raise UserError(f"{path}: a preset is a mapping of keys to values")
+    return tree, text
 
 
 def safetensors_header(path, fix):

@@ -8,6 +8,7 @@ import yaml
 
 from minorpo import config
 from minorpo.config import ConfigError
+from minorpo.files import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PRESETS = sorted(glob.glob(os.path.join(ROOT, "presets", "*.yml")))
@@ -108,10 +109,10 @@ def test_on_off_words_stay_words_on_the_command_line(word):
     assert config.load(ORPO, [f"training.compile={word}"])["training"]["compile"] == word
 
 
-def documented_choices():
-    """{dotted key: [words]} from presets/orpo.yml comments that list choices as `a (...) | b: ... | c`."""
+def documented_choices(path):
+    """{dotted key: [words]} from a preset's comments that list choices as `a (...) | b: ... | c`."""
     found, section = {}, ""
-    for line in open(ORPO):
+    for line in open(path):
         key = line.split(":", 1)[0].strip()
         if not line.startswith(" "):
             section = key + "." if line.rstrip().endswith(":") else ""
@@ -121,9 +122,20 @@ def documented_choices():
     return found
 
 
-def test_the_presets_document_exactly_the_choices_config_accepts():
-    documented = {key: sorted(words) for key, words in documented_choices().items()}
+def test_presets_orpo_yml_documents_exactly_the_choices_config_accepts():
+    documented = {key: sorted(words) for key, words in documented_choices(ORPO).items()}
     assert documented == {key: sorted(words) for key, words in config.CHOICES.items()}
+
+
+@pytest.mark.parametrize("path", PRESETS, ids=os.path.basename)
+def test_every_preset_documents_only_choices_config_accepts(path):
+    for key, words in documented_choices(path).items():
+        assert sorted(words) == sorted(config.CHOICES[key]), (os.path.basename(path), key)
+
+
+def test_keys_a_preset_leaves_out_take_their_values_from_presets_orpo_yml(tmp_path):
+    partial = config.load(write(tmp_path, "run_name: mine\ntraining:\n  orpo_lambda: 0.2\n"))
+    assert partial == config.load(ORPO, ["run_name=mine", "training.orpo_lambda=0.2"])
 
 
 @pytest.mark.parametrize("key,choice", [(k, c) for k, words in sorted(config.CHOICES.items()) for c in words])
@@ -226,24 +238,24 @@ def test_a_section_given_a_value_is_named():
 
 
 def test_missing_preset_is_named(tmp_path):
-    with pytest.raises(ConfigError, match="not found"):
+    with pytest.raises(UserError, match="not found"):
         config.load(str(tmp_path / "nope.yml"))
 
 
 def test_broken_yaml_names_the_line(tmp_path):
-    with pytest.raises(ConfigError, match=r"p\.yml:2: not valid YAML"):
+    with pytest.raises(UserError, match=r"p\.yml:2: not valid YAML"):
         config.load(write(tmp_path, "training:\n  type: orpo: sft\n"))
 
 
 def test_duplicate_keys_are_refused_with_their_line(tmp_path):
-    with pytest.raises(ConfigError, match=r"p\.yml:3: duplicate key `max_steps`"):
+    with pytest.raises(UserError, match=r"p\.yml:3: duplicate key `max_steps`"):
         config.load(write(tmp_path, "training:\n  max_steps: 5\n  max_steps: 6\n"))
 
 
 def test_billion_laughs_is_refused_at_the_first_anchor(tmp_path):
     laughs = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
         f"{c}: &{c} [*{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}]\n" for p, c in zip("abcdefgh", "bcdefghi"))
-    with pytest.raises(ConfigError, match=r"p\.yml:1: YAML anchors and aliases") as e:
+    with pytest.raises(UserError, match=r"p\.yml:1: YAML anchors and aliases") as e:
         config.load(write(tmp_path, laughs))
     assert len(str(e.value)) < 300
 
@@ -251,21 +263,21 @@ def test_billion_laughs_is_refused_at_the_first_anchor(tmp_path):
 def test_a_preset_that_is_not_utf8_names_the_line(tmp_path):
     path = tmp_path / "p.yml"
     path.write_bytes(b"run_name: a\nmodel_name: caf\xe9\n")
-    with pytest.raises(ConfigError, match=r"p\.yml:2: not UTF-8"):
+    with pytest.raises(UserError, match=r"p\.yml:2: not UTF-8"):
         config.load(str(path))
 
 
 def test_a_huge_preset_is_refused_before_reading(tmp_path):
     path = tmp_path / "p.yml"
     path.write_bytes(b"#" * (2 << 20))
-    with pytest.raises(ConfigError, match="at most 1 MB"):
+    with pytest.raises(UserError, match="at most 1 MB"):
         config.load(str(path))
 
 
 @pytest.mark.parametrize("override", ["run_name=a\udcff", "lora.targets=[q_proj, \"v\\ud800\"]"])
 def test_a_lone_surrogate_is_refused_by_name(override):
     # what the shell hands Python for bytes that are not UTF-8, or a YAML escape for half a UTF-16 pair
-    with pytest.raises(ConfigError, match="lone surrogate|unacceptable character #xdcff"):
+    with pytest.raises(UserError, match="lone surrogate|unacceptable character #xdcff"):
         config.load(ORPO, [override])
 
 
