@@ -36,10 +36,10 @@ def file_inside(folder, name, what="file"):
     root = os.path.realpath(folder)
     real = os.path.realpath(os.path.join(folder, name))
     if os.path.commonpath([root, real]) != root:
-        raise UserError(f"{os.path.join(folder, name)}: the preset resolves to {real}, outside {folder}; refused")
+        raise UserError(f"{os.path.join(folder, name)}: the {what} resolves to {real}, outside {folder}; refused")
     if not os.path.isfile(real):
         kind = "a folder" if os.path.isdir(real) else "missing" if not os.path.exists(real) else "not a regular file"
-        raise UserError(f"{os.path.join(folder, name)}: the preset is {kind}; expected a regular file")
+        raise UserError(f"{os.path.join(folder, name)}: the {what} is {kind}; expected a regular file")
     return real
 
 
