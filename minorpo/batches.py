@@ -1,24 +1,20 @@
-"""Examples and batches: one example (truncated, masked, checked), the held-out split, the batch
-order, and collate into the tensors of a step.
+"""Examples into batches (minorpo/data.py makes the examples from text): checks, truncation, split, order, collate.
 
 An example is a dict of int lists; the processed JSONL format holds the same keys, one example a line:
     pair: {"chosen_input_ids", "chosen_labels", "rejected_input_ids", "rejected_labels"}
     sft:  {"input_ids", "labels"}
-labels[t] = input_ids[t] on trained tokens and IGNORE_INDEX elsewhere (Hugging Face's convention: the
-loss shifts by one). minorpo/data.py turns text into examples; this file turns examples into batches.
+labels[t] = input_ids[t] where trained, IGNORE_INDEX elsewhere (Hugging Face's convention: the loss shifts by one).
 
 Decisions:
-- Truncation keeps the prompt's end (the question and the assistant header) and the responses'
-  beginnings, by the same rule for chosen and rejected, so their prompts stay identical and the pair
-  still compares two answers to one question.
-- A batch of P pairs is one tensor of 2P rows, the P chosen rows first and then the P rejected rows
-  (one forward pass for both; the loss splits it in halves), right-padded with the pad id; padding is
-  labelled IGNORE_INDEX. Under a causal mask real tokens never see right padding: no attention mask.
-- Length-grouped batch order (data.group_by_length, on by default): shuffle, sort by length within
-  windows of GROUP_WINDOW batches, cut into batches, shuffle the batches. Rows of a batch then have
-  similar lengths, so less of the batch is padding. The batch with the longest row goes first, so an
-  out-of-memory error shows at step 1, not hours in. The order is a function of (seed, epoch) alone,
-  so a resumed run continues at (epoch, batch index) exactly.
+- Truncation keeps the prompt's end (the question and the assistant header) and the responses' beginnings,
+  by one rule for chosen and rejected: their prompts stay identical, so the pair still compares two answers.
+- A batch of P pairs is one tensor of 2P rows, the P chosen rows then the P rejected rows (one forward pass
+  for both; the loss splits it in halves), right-padded with the pad id and IGNORE_INDEX labels. Under a
+  causal mask real tokens never see right padding: no attention mask.
+- Length-grouped batch order (data.group_by_length, on by default): shuffle, sort by length within windows
+  of GROUP_WINDOW batches, cut into batches, shuffle the batches, so a batch holds similar lengths and little
+  padding. The longest batch goes first, so an out-of-memory error shows at step 1, not hours in. The order
+  is a function of (seed, epoch) alone: a resumed run continues at (epoch, batch index) exactly.
 """
 import itertools
 import json
@@ -70,14 +66,12 @@ def example_problem(example, keys, vocab_size):
         ids, labels = example[ids_key], example[labels_key]
         if len(ids) != len(labels):
             return f'"{ids_key}" has {len(ids)} ids but "{labels_key}" has {len(labels)} labels'
-        t = next((t for t, i in enumerate(ids) if not 0 <= i < vocab_size), None)
-        if t is not None:
+        if (t := next((t for t, i in enumerate(ids) if not 0 <= i < vocab_size), None)) is not None:
             return (f'"{ids_key}"[{t}] = {ids[t]} is outside the vocabulary (0 to {vocab_size - 1}); '
                     "was it tokenized with another tokenizer?")
         t = next((t for t, (i, label) in enumerate(zip(ids, labels)) if label not in (i, IGNORE_INDEX)), None)
         if t is not None:
-            return (f'"{labels_key}"[{t}] = {labels[t]} must be {IGNORE_INDEX} or the id at that position '
-                    f"({ids[t]})")
+            return f'"{labels_key}"[{t}] = {labels[t]} must be {IGNORE_INDEX} or the id at that position ({ids[t]})'
     start = min(first_trained(example[key]) for key in keys[1::2])
     if any(example[key][:start] != example[keys[0]][:start] for key in keys[0::2]):
         return (f"chosen and rejected must start with the same prompt ids (the positions labelled "
@@ -86,9 +80,8 @@ def example_problem(example, keys, vocab_size):
 
 
 def truncate(prompt, answers, max_length, max_prompt_length):
-    """The rule, the same for chosen and rejected: if prompt + the longer answer exceeds
-    max_length, cut the prompt from the left to max_prompt_length, then cut every answer from the right
-    to the room left. Segments are (ids, labels); returns (prompt, answers, whether anything was cut)."""
+    """If prompt + the longer answer exceed max_length, cut the prompt from the left to max_prompt_length, then
+    every answer from the right to the room left. (ids, labels) segments in, (prompt, answers, was_cut) out."""
     if len(prompt[0]) + max(len(ids) for ids, _ in answers) <= max_length:
         return prompt, answers, False
     start = max(0, len(prompt[0]) - max_prompt_length)
@@ -102,16 +95,14 @@ def make_example(prompt, answers):
     row is prompt + answer; labels[0] is masked, as nothing predicts the first token."""
     rows = []
     for ids, labels in answers:
-        labels = [IGNORE_INDEX] + (prompt[1] + labels)[1:]
-        rows += [prompt[0] + ids, labels]
+        rows += [prompt[0] + ids, [IGNORE_INDEX] + (prompt[1] + labels)[1:]]
     return dict(zip(PAIR_KEYS if len(answers) == 2 else SFT_KEYS, rows))
 
 
 def split_examples(examples, eval_fraction, seed):
-    """(train, held_out) by a seeded permutation: round(n * eval_fraction) items are held out, at least
-    one when eval_fraction > 0, and at least one is left to train on. Both keep the file order.
-    train.py splits the rows before tokenizing (so filtering cannot shift the held-out set); with
-    data.eval_path it reads the held-out rows from that file instead."""
+    """(train, held_out) by a seeded permutation: round(n * eval_fraction) held out, at least one when
+    eval_fraction > 0 and at least one left to train on; both keep the file order. train.py splits the
+    rows before tokenizing, so filtering cannot shift the held-out set."""
     n = len(examples)
     n_eval = max(0, min(max(round(n * eval_fraction), int(eval_fraction > 0)), n - 1))
     held_out = set(random.Random(f"split-{seed}").sample(range(n), n_eval))
@@ -125,48 +116,38 @@ def example_length(example):
 
 
 def batch_order(lengths, batch_size, seed, epoch, group_by_length=True, ranks=1):
-    """The batches of one epoch as lists of example indices (the last may be short); lengths[i] is
-    example_length of example i. The same (seed, epoch) gives the same batches. Under DDP a batch too
-    small to give each of the `ranks` a pair is dropped: a rank with nothing could not join the all-reduce."""
+    """The epoch's batches as lists of example indices (the last may be short), lengths[i] example i's length.
+    A batch too small to give each of the `ranks` a pair is dropped: a rank with none could not join the all-reduce."""
     rng = random.Random(f"batches-{seed}-{epoch}")
     order = rng.sample(range(len(lengths)), len(lengths))
-    if not group_by_length:
-        return [order[i:i + batch_size] for i in range(0, len(order), batch_size) if len(order) - i >= ranks]
-    batches, window = [], batch_size * GROUP_WINDOW
-    for start in range(0, len(order), window):
-        by_length = sorted(order[start:start + window], key=lambda i: lengths[i], reverse=True)
-        batches += [by_length[i:i + batch_size] for i in range(0, len(by_length), batch_size)]
-    rng.shuffle(batches)
-    if batches:  # the batch with the longest example first (each batch lists its longest example first)
+    if group_by_length:  # sort each window of GROUP_WINDOW batches, longest first
+        window = batch_size * GROUP_WINDOW
+        order = [i for start in range(0, len(order), window)
+                 for i in sorted(order[start:start + window], key=lambda j: lengths[j], reverse=True)]
+    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    if group_by_length and batches:  # shuffled, then the batch with the longest example (its first) goes first
+        rng.shuffle(batches)
         batches.insert(0, batches.pop(max(range(len(batches)), key=lambda b: lengths[batches[b][0]])))
     return [batch for batch in batches if len(batch) >= ranks]
 
 
 def collate(examples, pad_id):
-    """A batch as tensors {"input_ids", "labels"}, both (2P, T) long for P pairs, the P chosen rows then
-    the P rejected rows; (P, T) for sft. Right-padded with pad_id to the longest row; labels IGNORE_INDEX there."""
+    """The batch as tensors {"input_ids", "labels"}: (2P, T) for P pairs, chosen rows first; (P, T) for sft."""
     rows = [row for side in zip(*map(rows_of, examples)) for row in side]  # chosen rows, then rejected rows
     T = max(len(ids) for ids, _ in rows)
-    input_ids = torch.full((len(rows), T), pad_id, dtype=torch.long)  # (rows, T)
-    labels = torch.full((len(rows), T), IGNORE_INDEX, dtype=torch.long)  # (rows, T)
-    for r, (ids, row_labels) in enumerate(rows):
-        input_ids[r, :len(ids)] = torch.tensor(ids)
-        labels[r, :len(ids)] = torch.tensor(row_labels)
-    return {"input_ids": input_ids, "labels": labels}
+    return {"input_ids": torch.tensor([ids + [pad_id] * (T - len(ids)) for ids, _ in rows]),  # (rows, T)
+            "labels": torch.tensor([labels + [IGNORE_INDEX] * (T - len(labels)) for _, labels in rows])}
 
 
 def show_example(example, tokenizer, color=None):
-    """One example as text with its trained tokens marked: green on a terminal, ⟦bracketed⟧ otherwise.
-    A pair shows the prompt once, then the chosen and the rejected response."""
+    """An example as text, trained tokens green on a terminal and ⟦bracketed⟧ otherwise; a pair's prompt once."""
     color = sys.stdout.isatty() if color is None else color
 
     def marked(ids, labels):  # decode each run of trained or untrained tokens, mark the trained runs
-        text, start = "", 0
-        for trained, run in itertools.groupby(labels, key=lambda label: label != IGNORE_INDEX):
-            end = start + len(list(run))
-            piece = tokenizer.decode(ids[start:end], skip_special_tokens=False)
+        text = ""
+        for trained, run in itertools.groupby(zip(ids, labels), key=lambda token: token[1] != IGNORE_INDEX):
+            piece = tokenizer.decode([i for i, _ in run], skip_special_tokens=False)
             text += (f"\033[32m{piece}\033[0m" if color else f"⟦{piece}⟧") if trained else piece
-            start = end
         return text
     prompt, answers = segments(example)
     if len(answers) == 1:

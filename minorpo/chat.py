@@ -6,25 +6,21 @@
         --system "Answer briefly." --temperature 0.7 --top-p 0.9 --max-new-tokens 256
 
 Decisions:
-- Prompts are rendered by data.prompt_ids, the function that renders the training prompts, so the
-  model is asked in the format it was trained on; generation stops at the template's stop ids.
-- Each turn renders the whole conversation again: one forward pass over it fills the KV cache, then
-  every new token costs one position (model.generate). Keeping the cache from turn to turn would save
-  that pass, but dropping old turns would then mean rebuilding it anyway.
-- The prompt and the answer must fit the model's context (max_position_embeddings): the oldest
-  exchanges are dropped (the system text stays); a message too long on its own is refused.
-- Streaming: the answer's ids are decoded again after every token and only the new text is printed; a
-  token that ends inside a character (byte-level BPE splits UTF-8) waits for the next one.
-- Settings as in a preset's sample section: temperature 0 is greedy, else sampling from the top_p
-  nucleus, drawn from one generator seeded by --seed. CUDA runs in bf16, the CPU in fp32, as train.py.
-- A LoRA adapter folder (train.py's final/adapter) is loaded onto its base model and merged.
-- template=raw has no turns: every message is a new prompt.
+- Prompts are rendered by data.prompt_ids, as the training prompts were, so the model is asked in the
+  format it was trained on; generation stops at the template's stop ids. template=raw has no turns.
+- Each turn renders the whole conversation again: one forward pass fills the KV cache, then each new token
+  costs one position. Keeping the cache across turns would save that pass, but dropping old turns (to fit
+  max_position_embeddings; the system text stays) would rebuild it anyway. A message too long alone is refused.
+- Streaming: the answer is decoded again after every token and only the new text printed; a token that
+  ends inside a character (byte-level BPE splits UTF-8) waits for the next one.
+- Sampling as in a preset's sample section, from one generator seeded by --seed; bf16 on CUDA, fp32 on the
+  CPU, as train.py. A LoRA adapter (train.py's final/adapter) is loaded onto its base model and merged.
 """
 import argparse
 import sys
 
-import torch  # noqa: E402
-from safetensors import SafetensorError  # noqa: E402
+import torch
+from safetensors import SafetensorError
 
 from minorpo import checkpoint, data, lora
 from minorpo.files import UserError, file_inside, read_json, read_tensors, safetensors_header
@@ -77,7 +73,8 @@ def load_adapter(model, folder):
     shapes = safetensors_header(path, fix)
     names = sorted({key[len(lora.PEFT_PREFIX):].rsplit(".lora_", 1)[0] for key in shapes})
     for name in names:
-        layer = lora.LoRALinear(model.get_submodule(name), config["r"], config["lora_alpha"], group=lora._group_of(name))
+        layer = lora.LoRALinear(model.get_submodule(name), config["r"], config["lora_alpha"],
+                                group=lora._group_of(name))
         lora._replace(model, name, layer)
         tensors = dict(read_tensors(path, [f"{lora.PEFT_PREFIX}{name}.lora_{x}.weight" for x in "AB"]))
         with torch.no_grad():
@@ -182,9 +179,7 @@ def converse(model, tokenizer, args):
         print(HELP, file=sys.stderr)
     while True:
         message = read_message(interactive)
-        if message is None:  # Ctrl-D, or the end of piped input
-            return
-        if message.strip() == "/exit":
+        if message is None or message.strip() == "/exit":  # None: Ctrl-D, or the end of piped input
             return
         if message.strip() == "/reset":
             turns.clear()
@@ -200,7 +195,7 @@ def main(argv=None):
     try:
         args = parse_args(argv)
         converse(*load(args), args)
-    except (UserError, checkpoint.CheckpointError, data.DataError, OSError) as e:
+    except (UserError, OSError) as e:  # CheckpointError, DataError and ChatError are UserErrors
         sys.exit(f"error: {e}")
     except KeyboardInterrupt:  # Ctrl-C: leave quietly, with the shell's code for it
         print(file=sys.stderr)

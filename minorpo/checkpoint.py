@@ -144,7 +144,7 @@ def load_model_config(folder):
     if raw["model_type"] == "qwen2":
         fields.pop("attention_bias", None)  # not a Qwen2 key: Qwen2 always has a q/k/v bias
     check_fields(path, config_class, fields)
-    fields.update({name: float(fields[name]) for name in ("rope_theta", "partial_rotary_factor") if name in fields})
+    fields.update({name: float(fields[name]) for name in moved if name in fields})
     try:
         cfg = config_class(**fields)
     except (TypeError, ValueError) as e:
@@ -182,10 +182,8 @@ def expected_shapes(cfg):
     """{checkpoint tensor name: shape} of a model with config cfg; a tied model stores no lm_head.weight."""
     with torch.device("meta"):  # one position: the RoPE tables, built on the CPU, hold no tensor that is saved
         model = MODELS[cfg.model_type][1](dataclasses.replace(cfg, max_position_embeddings=1))
-    shapes = {name: tuple(t.shape) for name, t in model.state_dict().items()}
-    if cfg.tie_word_embeddings:
-        del shapes["lm_head.weight"]
-    return shapes
+    return {name: tuple(t.shape) for name, t in model.state_dict().items()
+            if not (cfg.tie_word_embeddings and name == "lm_head.weight")}
 
 
 def check_tensors(expected, found, where, hint="the weights do not belong to this config.json"):
@@ -233,10 +231,8 @@ def load_model(folder_or_name, dtype=torch.float32, device="cpu"):
     check_tensors(expected_shapes(cfg), found, next(iter(headers)) if len(headers) == 1 else f"{folder}/{INDEX}")
     with torch.device("meta"):
         model = MODELS[cfg.model_type][1](cfg)  # shapes only: no memory, no random initialisation
-    state = {}
-    for path, header in headers.items():
-        for name, tensor in read_tensors(path, [n for n in header if model_key(n, cfg) in found], dtype, device):
-            state[model_key(name, cfg)] = tensor
+    state = {model_key(name, cfg): tensor for path, header in headers.items()
+             for name, tensor in read_tensors(path, [n for n in header if model_key(n, cfg) in found], dtype, device)}
     model.load_state_dict(state, strict=not cfg.tie_word_embeddings, assign=True)  # check_tensors checked the keys
     if cfg.tie_word_embeddings:  # assign=True replaced the embedding Parameter: the head is it again
         model.lm_head.weight = model.model.embed_tokens.weight
@@ -248,9 +244,8 @@ def write_model(model, folder, tokenizer_from=None, dtype=None):
     atomic_folder's), with copies (contents, never links) of the tokenizer files of folder tokenizer_from."""
     cfg = model.config
     dtype = dtype or model.model.embed_tokens.weight.dtype
-    state = {name: t.detach().to("cpu", dtype).contiguous() for name, t in model.state_dict().items()}
-    if cfg.tie_word_embeddings:
-        del state["lm_head.weight"]  # the embedding; safetensors refuses two names for one tensor anyway
+    state = {name: t.detach().to("cpu", dtype).contiguous() for name, t in model.state_dict().items()
+             if not (cfg.tie_word_embeddings and name == "lm_head.weight")}  # tied: the embedding, stored once
     check_tensors(expected_shapes(cfg), {name: t.shape for name, t in state.items()}, f"write_model({folder})",
                   hint="merge LoRA adapters into the base weights before saving a checkpoint")
     copies = tokenizer_files(tokenizer_from) if tokenizer_from else []
@@ -273,8 +268,8 @@ def write_model(model, folder, tokenizer_from=None, dtype=None):
 def check_fits(model, tokenizer, folder, max_length, max_new_tokens):
     """Refuse rows or samples longer than the model's context, and a tokenizer bigger than its embeddings."""
     context = model.config.max_position_embeddings
-    for key, value, limit in (("data.max_length", max_length, context), ("sample.max_new_tokens", max_new_tokens,
-                                                                         context - 1)):  # and a prompt token
+    for key, value, limit in (("data.max_length", max_length, context),
+                              ("sample.max_new_tokens", max_new_tokens, context - 1)):  # and a prompt token
         if value > limit:
             raise CheckpointError(f"`{key}`={value} does not fit the model's context ({context} positions in "
                                   f"{folder}/config.json); lower it to at most {limit}")

@@ -1,8 +1,7 @@
-"""The preprocessor: JSONL rows in, token ids and labels out, one dict of int lists per row.
+"""The preprocessor: JSONL rows in, token ids and labels out, one dict of int lists per row (see batches.py).
 
     rows = read_jsonl("pairs.jsonl", max_length=512)          # [("pairs.jsonl:1", {...}), ...]
     examples, report = make_examples(rows, load_tokenizer("/ckpt/Qwen3-0.6B"), "prompted_preference")
-    # {"chosen_input_ids", "chosen_labels", "rejected_input_ids", "rejected_labels"}, sft {"input_ids", "labels"}
 
 Decisions (ids and labels built together, one segment at a time, as nanochat does):
 - Prompt and responses are separate segments: an exact boundary, and the prompt ids generation sees. A
@@ -38,10 +37,8 @@ FILTERS = {  # why a well-formed row is dropped -> how to keep such rows ("" if 
     "longer than {bound} bytes": BY_BYTES,
     "with an empty response": "", "with identical chosen and rejected": "",
     "with empty labels (response truncated to 0 tokens)": BY_LENGTH,
-    "with chosen and rejected identical after truncation": BY_LENGTH,
-}
+    "with chosen and rejected identical after truncation": BY_LENGTH}
 TOO_LONG, EMPTY_RESPONSE, IDENTICAL, EMPTY_LABELS, IDENTICAL_CUT = FILTERS
-HH_TURN = re.compile(r"(?:^|\n\n)(Human|Assistant): ?")  # a turn of an HH string transcript
 
 
 class DataError(UserError):
@@ -101,8 +98,7 @@ def _parse_line(line, where):
 
 
 def read_jsonl(path, max_length=512):
-    """Every non-blank line of a JSONL file as (where, row): where = "path:line", row a dict. A line over
-    max(1 MiB, 64 bytes x max_length) is never held whole: it is skipped in chunks and left as a TooLong row."""
+    """Every non-blank line of a JSONL file as ("path:line", dict); one over the bound, never held whole, is TooLong."""
     if not os.path.isfile(path):
         kind = "a directory" if os.path.isdir(path) else "not found" if not os.path.exists(path) else "not a file"
         raise DataError(f"{path}: {kind}; expected a JSONL file (one JSON object a line), or `tiny`")
@@ -129,7 +125,7 @@ def _turns(row, key, where, expected, role):
     if isinstance(value, str):
         if role != "assistant" or not re.match(r"\s*Human:", value) or "\n\nAssistant:" not in value:
             return [{"role": role, "content": value}]
-        parts = HH_TURN.split(value.lstrip())  # ['', 'Human', said, 'Assistant', said, ...]
+        parts = re.split(r"(?:^|\n\n)(Human|Assistant): ?", value.lstrip())  # ['', 'Human', said, 'Assistant', ...]
         return [{"role": "user" if who == "Human" else "assistant", "content": said}
                 for who, said in zip(parts[1::2], parts[2::2])]
     if isinstance(value, list) and value:

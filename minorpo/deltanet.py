@@ -6,9 +6,8 @@ the value v_t (the delta rule: write only the error of the current read), and re
 
     S_t = α_t (I − β_t k_t k_tᵀ) S_{t−1} + β_t k_t v_tᵀ,        o_t = S_tᵀ q_t
 
-This is the gated delta rule of Yang, Kautz & Hatamizadeh 2024 ("Gated Delta Networks: Improving Mamba2
-with Delta Rule", arXiv:2412.06464, Sec. 3), written there for the transposed state S ∈ R^(d_v × d_k).
-α_t gives Mamba2's fast, uniform forgetting; β_t gives DeltaNet's targeted overwrite of one association.
+This is the gated delta rule of Yang, Kautz & Hatamizadeh 2024 (arXiv:2412.06464, Sec. 3, S transposed):
+α_t gives Mamba2's fast, uniform forgetting, β_t DeltaNet's targeted overwrite of one association.
 
 The layer, as the reference implementation (transformers' Qwen3_5GatedDeltaNet) computes it:
     q, k, v = split(SiLU(conv(in_proj_qkv(x))))     conv: causal, depthwise, over the last 4 tokens
@@ -19,16 +18,13 @@ The layer, as the reference implementation (transformers' Qwen3_5GatedDeltaNet) 
     y       = out_proj(RMSNorm(o) · w ⊙ SiLU(in_proj_z(x)))                       per value head
 
 Decisions:
-- One recurrence, two forms. `recurrent_gated_delta_rule` is the equation above, one token at a time;
-  generation uses it for each new token. `chunked_gated_delta_rule` gives the same outputs 64 tokens at a
-  time with matrix products and is the training and prefill path: a Python loop over tokens would launch
-  thousands of tiny kernels per layer. tests/test_qwen35.py checks that the two agree.
+- One recurrence, two forms: `recurrent_gated_delta_rule`, the equation above token by token, for each
+  generated token; `chunked_gated_delta_rule`, the same outputs 64 tokens at a time with matrix products,
+  for training and prefill, where a loop over tokens would launch thousands of tiny kernels per layer.
 - The recurrence runs in fp32 whatever the model dtype and the state is kept in fp32 (the checkpoints'
   mamba_ssm_dtype), as the reference does: the state sums many small decayed terms, which bf16 would drop.
 - Right padding needs no mask: the convolution and the recurrence are causal, so the pad tokens after a
   row's end never reach its real tokens (the same reason causal attention needs no padding mask for them).
-- Value heads may outnumber key heads (Qwen3.5-9B: 32 and 16): each query/key head then serves
-  n_v / n_k consecutive value heads, as in grouped-query attention.
 - `conv1d` is an nn.Conv1d without padding, given the K − 1 previous inputs explicitly: zeros at the
   sequence start, the cached ones during generation. Its weight is the checkpoint's (channels, 1, K).
 """
@@ -36,7 +32,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-CHUNK_SIZE = 64  # tokens per chunk of the parallel form, as the reference
+from minorpo.model import RMSNorm
 
 
 def l2norm(x, eps=1e-6):
@@ -58,8 +54,8 @@ def recurrent_gated_delta_rule(q, k, v, log_decay, beta, state):
     return torch.cat(outputs, dim=2), state
 
 
-def chunked_gated_delta_rule(q, k, v, log_decay, beta, state, chunk_size=CHUNK_SIZE):
-    """The same outputs and final state as recurrent_gated_delta_rule, computed chunk by chunk."""
+def chunked_gated_delta_rule(q, k, v, log_decay, beta, state, chunk_size=64):
+    """recurrent_gated_delta_rule's outputs and final state, chunk_size tokens at a time (64: the reference's)."""
     B, H, T, _ = k.shape
     C, pad = chunk_size, -T % chunk_size
     # pad the end to whole chunks with zeros: there β = 0 writes nothing and g = 0 decays nothing, so the
@@ -97,20 +93,6 @@ def chunked_gated_delta_rule(q, k, v, log_decay, beta, state, chunk_size=CHUNK_S
     return torch.cat(outputs, dim=2)[:, :, :T], state
 
 
-class GatedRMSNorm(nn.Module):
-    """RMSNorm(x) · w ⊙ SiLU(gate) over each value head. Its gain is a plain w, initialised to 1."""
-
-    def __init__(self, dim, eps):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
-        self.eps = eps
-
-    def forward(self, x, gate):
-        x32 = x.float()
-        normed = (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
-        return (self.weight * normed * F.silu(gate.float())).to(x.dtype)
-
-
 class GatedDeltaNet(nn.Module):
     def __init__(self, cfg, layer_idx):
         super().__init__()
@@ -128,14 +110,14 @@ class GatedDeltaNet(nn.Module):
         self.conv1d = nn.Conv1d(conv_dim, conv_dim, self.kernel_size, groups=conv_dim, bias=False)
         self.dt_bias = nn.Parameter(torch.ones(self.n_v))
         self.A_log = nn.Parameter(torch.zeros(self.n_v))
-        self.norm = GatedRMSNorm(self.d_v, cfg.rms_norm_eps)
+        self.norm = RMSNorm(self.d_v, cfg.rms_norm_eps)  # over each value head; a plain gain w, initialised to 1
         self.out_proj = nn.Linear(value_dim, cfg.hidden_size, bias=False)
 
     def forward(self, x, cache=None):
         B, T, _ = x.shape
         qkv = self.in_proj_qkv(x).transpose(1, 2)  # (B, conv_dim, T)
-        if cache is None:
-            past = qkv.new_zeros(B, qkv.size(1), self.kernel_size - 1)  # nothing before the sequence start
+        if cache is None or self.layer_idx not in cache.conv_states:  # zeros: nothing before the first token
+            past = qkv.new_zeros(B, qkv.size(1), self.kernel_size - 1)
             state = x.new_zeros(B, self.n_v, self.d_k, self.d_v, dtype=torch.float32)
         else:
             past, state = cache.conv_states[self.layer_idx], cache.recurrent_states[self.layer_idx]
@@ -146,8 +128,9 @@ class GatedDeltaNet(nn.Module):
         q = q.reshape(B, T, self.n_k, self.d_k).transpose(1, 2).float()  # (B, n_k, T, d_k)
         k = k.reshape(B, T, self.n_k, self.d_k).transpose(1, 2).float()  # (B, n_k, T, d_k)
         v = v.reshape(B, T, self.n_v, self.d_v).transpose(1, 2).float()  # (B, n_v, T, d_v)
-        q = q.repeat_interleave(self.n_v // self.n_k, dim=1)  # (B, n_v, T, d_k): key head j serves
-        k = k.repeat_interleave(self.n_v // self.n_k, dim=1)  # value heads j·n_v/n_k ... (j+1)·n_v/n_k − 1
+        # value heads may outnumber key heads (Qwen3.5-9B: 32 and 16); as in grouped-query attention,
+        # key head j then serves value heads j·n_v/n_k ... (j+1)·n_v/n_k − 1
+        q, k = q.repeat_interleave(self.n_v // self.n_k, dim=1), k.repeat_interleave(self.n_v // self.n_k, dim=1)
         q, k = l2norm(q) * self.d_k ** -0.5, l2norm(k)
         beta = torch.sigmoid(self.in_proj_b(x)).float().transpose(1, 2)  # (B, n_v, T)
         # g = log α = −exp(A_log) · softplus(a + dt_bias) ≤ 0: a per-head rate times a per-token step size
@@ -158,6 +141,6 @@ class GatedDeltaNet(nn.Module):
         if cache is not None:
             cache.conv_states[self.layer_idx] = window[:, :, -(self.kernel_size - 1):]
             cache.recurrent_states[self.layer_idx] = state
-        o = o.transpose(1, 2).to(x.dtype)  # (B, T, n_v, d_v)
-        z = self.in_proj_z(x).view(B, T, self.n_v, self.d_v)
-        return self.out_proj(self.norm(o, z).reshape(B, T, -1))  # (B, T, H)
+        z = self.in_proj_z(x).view(B, T, self.n_v, self.d_v)  # (B, T, n_v, d_v): the output gate
+        o = (self.norm(o.transpose(1, 2).to(x.dtype)) * F.silu(z.float())).to(x.dtype)  # RMSNorm(o) · w ⊙ SiLU(z)
+        return self.out_proj(o.reshape(B, T, -1))  # (B, T, H)

@@ -1,9 +1,8 @@
 """Several processes under torchrun: the process group, DDP or FSDP2 wrapping, and what a rank holds.
 
-Data parallel (DDP, the default under torchrun): every rank holds the whole model, its gradients and AdamW's
-moments, and gradients are averaged over ranks. FSDP2 (training.fsdp=true): each rank holds a 1/N shard of
-every parameter, gradient and AdamW moment (DTensors); a layer's weights are gathered whole just before it
-runs and freed after, and gradients are reduce-scattered so each rank keeps only its shard.
+DDP (the default under torchrun): every rank holds the whole model, its gradients and AdamW's moments;
+gradients are averaged over ranks. FSDP2 (training.fsdp=true): each rank holds a 1/N shard (DTensors) of every
+parameter, gradient and moment; a layer's weights are gathered just before it runs and freed after.
 
 Decisions:
 - fully_shard on each decoder layer, then on the whole model (the root: embedding, final norm, head). The
@@ -11,10 +10,8 @@ Decisions:
   the root keeps its weights gathered after the forward, so the head (Policy) reads the whole matrix.
 - Gradient accumulation under FSDP reduce-scatters after every micro-batch: gradients stay sharded (1/N of
   their memory) at the cost of one reduce-scatter per micro-batch; the sum is the same (tests/test_fsdp.py).
-- Mixed precision: bf16 runs gather weights in bf16 and reduce gradients in fp32 (MixedPrecisionPolicy);
-  fp32 runs (the CPU) stay fp32 throughout.
-- Whatever runs the model outside the training step (evaluation, samples) runs on every rank under FSDP:
-  a layer cannot gather its weights from ranks that are not running it.
+- bf16 runs gather weights in bf16 and reduce gradients in fp32 (MixedPrecisionPolicy); fp32 runs stay fp32.
+- Evaluation and samples run on every rank under FSDP: a layer gathers its weights from all the ranks.
 """
 import datetime
 import os
@@ -42,8 +39,7 @@ def setup(fsdp, on_cuda):
 
 
 def wrap_ddp(policy, device, on_cuda, find_unused):
-    """DDP registers the parameters that require grad at wrap time: the caller makes every one any phase
-    trains trainable first."""
+    """DDP registers the parameters that require grad at wrap time: make every one any phase trains trainable first."""
     import warnings
     from torch.nn.parallel import DistributedDataParallel as DDP
     # The only buffers are the RoPE tables, the same on every rank: no need to broadcast them (~40 MB for
@@ -59,9 +55,8 @@ def shard(model, bf16):
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 \
         else MixedPrecisionPolicy()
-    for layer in model.model.layers:
-        fully_shard(layer, mp_policy=policy)
-    fully_shard(model, mp_policy=policy)
+    for module in [*model.model.layers, model]:  # the root last
+        fully_shard(module, mp_policy=policy)
     register_fsdp_forward_method(model, "hidden_states")  # Policy and generate call it, not model()
     return dict(model.named_parameters())
 
@@ -79,20 +74,15 @@ def local(tensor):
     return tensor.to_local() if hasattr(tensor, "to_local") else tensor
 
 
-def held_bytes(model, optimizer):
-    """(parameters, gradients, optimizer state) bytes this rank holds, from the tensors themselves."""
-    def size(tensors):
-        return sum(local(t).numel() * local(t).element_size() for t in tensors if torch.is_tensor(t))
-    params = list(model.parameters())
-    moments = [v for s in optimizer.state.values() for v in s.values()]
-    return size(params), size(p.grad for p in params), size(moments)
-
-
 def log_memory_once(model, optimizer, rank, world):
-    """After the first AdamW step (when gradients and moments exist), every rank prints what it holds."""
+    """After the first AdamW step (when gradients and moments exist), every rank prints the tensors it holds."""
+    def mib(tensors):
+        return sum(local(t).numel() * local(t).element_size() for t in tensors if torch.is_tensor(t)) / 2**20
+
     def hook(opt, args, kwargs):
         handle.remove()
-        mb = [b / 2**20 for b in held_bytes(model, opt)]
+        params = list(model.parameters())
+        mb = [mib(params), mib(p.grad for p in params), mib(v for s in opt.state.values() for v in s.values())]
         print(f"[memory] rank {rank} of {world} holds parameters {mb[0]:.2f} MiB + gradients {mb[1]:.2f} MiB + "
               f"AdamW {mb[2]:.2f} MiB = {sum(mb):.2f} MiB", flush=True)
     handle = optimizer.register_step_post_hook(hook)

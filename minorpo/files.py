@@ -70,8 +70,9 @@ def read_json(path, fix):
 
 class _StrictYAML(yaml.SafeLoader):
     """PyYAML's safe loader without anchors, aliases, duplicate keys, dates, or on/off/yes/no booleans."""
-    yaml_implicit_resolvers = {c: [(tag, rx) for tag, rx in rs if tag.rsplit(":", 1)[1] not in ("bool", "int", "timestamp")]
-                               for c, rs in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+    yaml_implicit_resolvers = {first: [(tag, rx) for tag, rx in resolvers if tag.rsplit(":", 1)[1] not in
+                                       ("bool", "int", "timestamp")]  # bool and int come back narrower below
+                               for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
 
     def compose_node(self, parent, index):
         event = self.peek_event()
@@ -91,11 +92,10 @@ class _StrictYAML(yaml.SafeLoader):
         return super().construct_mapping(node, deep)
 
 
-_StrictYAML.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
-                                  list("tTfF"))
-_StrictYAML.add_implicit_resolver("tag:yaml.org,2002:int", re.compile(r"^[-+]?[0-9]{1,30}$"), list("-+0123456789"))
-_StrictYAML.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
-                                  list("-+0123456789"))
+for tag, pattern in (("bool", r"true|True|TRUE|false|False|FALSE"), ("int", r"[-+]?[0-9]{1,30}"),  # no 0x1F, 1:30
+                     ("float", r"[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+")):  # 1e-4 too, as in Python
+    _StrictYAML.add_implicit_resolver(f"tag:yaml.org,2002:{tag}", re.compile(f"^(?:{pattern})$"),
+                                      list("tTfF-+0123456789"))
 
 
 def parse_yaml(text, name):

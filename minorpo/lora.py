@@ -78,10 +78,9 @@ def inject_lora(model, rank, alpha, dropout=0.0, targets=(), attn_targets=(), st
     end = start_layer + num_layers if num_layers else math.inf
     chosen = {}
     for name, module in linears.items():
-        target, i = name.rsplit(".", 1)[-1], _layer_index(name)
-        if target in wanted and wanted[target] != _group_of(name):
-            attention = _group_of(name) == "attn_lora"
-            kind, where = ("an attention", "lora.attn_targets") if attention else ("an FFN", "lora.targets")
+        target, group, i = name.rsplit(".", 1)[-1], _group_of(name), _layer_index(name)
+        if target in wanted and wanted[target] != group:
+            kind, where = ("an attention", "lora.attn_targets") if group == "attn_lora" else ("an FFN", "lora.targets")
             raise UserError(f"LoRA target `{target}` ({name}) is {kind} projection: list it under {where}")
         if target in wanted and i is not None and start_layer <= i < end:
             chosen[name] = module
@@ -96,7 +95,7 @@ def inject_lora(model, rank, alpha, dropout=0.0, targets=(), attn_targets=(), st
         raise UserError(f"lora.rank={rank!r:.30} is out of range: it must be an integer from 1 to {narrowest}, "
                         "the narrowest in/out width of a targeted layer")
     for name, module in chosen.items():
-        _replace(model, name, LoRALinear(module, rank, alpha, dropout, group=wanted[name.rsplit(".", 1)[-1]]))
+        _replace(model, name, LoRALinear(module, rank, alpha, dropout, group=_group_of(name)))
     return list(chosen)
 
 

@@ -19,9 +19,9 @@ Decisions:
 - Module and parameter names mirror the checkpoint keys (`model.layers.0.self_attn.q_proj.weight`), so
   loading is a strict load_state_dict with no key mapping. Every projection is a plain nn.Linear, which
   LoRA replaces by name. The RoPE tables are non-persistent buffers, not checkpoint tensors.
-- Attention is F.scaled_dot_product_attention(is_causal=True) with no mask. With right padding this is
-  exact for every real token (it attends only to earlier positions, all real) and keeps the fused kernels;
-  pad positions are masked out of the loss, not out of attention. Packing passes a mask (packing.py).
+- Attention is F.scaled_dot_product_attention(is_causal=True) with no mask: with right padding this is
+  exact for every real token (it sees only earlier positions, all real) and keeps the fused kernels; pads
+  are masked out of the loss instead. Packing passes a mask (packing.py).
 - `hidden_states()` returns the final-normed states; the loss applies `lm_head` to response tokens only,
   as (T, vocab) logits are training's largest tensor. `forward()` gives all logits, for tests.
 - RMSNorm is computed in fp32 and cast back before the gain, as the reference does; it matters in bf16.
@@ -72,16 +72,8 @@ class ModelConfig:
             raise ValueError(f"head_dim must be even for RoPE, got {self.head_dim}")
 
     @property
-    def qk_norm(self):
-        return self.model_type == "qwen3"
-
-    @property
     def rotary_dim(self):  # the channels of a head that RoPE turns: all of them (Qwen3.5 turns a quarter)
         return self.head_dim
-
-    @property
-    def o_proj_bias(self):  # Qwen3's attention_bias covers all four projections; Qwen2's only q/k/v
-        return self.model_type == "qwen3" and self.attention_bias
 
 
 class RMSNorm(nn.Module):
@@ -109,55 +101,60 @@ def rope_tables(head_dim, theta, max_len):
 
 
 def apply_rope(x, cos, sin):
-    """Rotate the channel pairs of x (B, heads, T, d) by their angles; cos, sin: (T, d/2)."""
-    # RoPE rotates d/2 channel pairs, paired one of two ways: neighbours, "interleaved" (x0, x1), (x2, x3),
-    # ... (the RoFormer paper, Meta's original LLaMA code), or channel i with i + d/2, "split halves" (x0,
-    # x_d/2), (x1, x_d/2+1), ... (Hugging Face's code). Both are one model up to a fixed permutation of the
-    # q/k projection rows, but trained weights work only in their own layout, and Qwen's is split halves:
+    """Rotate the channel pairs of the first r channels of x (B, heads, T, d) by their angles; cos, sin:
+    (T, r/2). r = d, but Qwen3.5 turns only a quarter of each head: its other channels pass unrotated."""
+    # RoPE pairs channel i with i + r/2 ("split halves", Hugging Face's code) or with its neighbour
+    # ("interleaved", RoFormer and Meta's original LLaMA code): one model up to a permutation of the q/k
+    # projection rows, but trained weights work only in their own layout, and Qwen's is split halves:
     #   [x1, x2] -> [x1·cos − x2·sin, x2·cos + x1·sin]
-    x1, x2 = x.chunk(2, dim=-1)  # (B, heads, T, d/2) each
-    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+    r = 2 * cos.size(-1)
+    x1, x2 = x[..., :r].chunk(2, dim=-1)  # (B, heads, T, r/2) each
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin, x[..., r:]), dim=-1)
 
 
 def causal_attention(q, k, v, cache=None, layer_idx=0, attn_mask=None):
-    """y = softmax(q·kᵀ / √hd + mask) · v for q (B, nh, T, hd), k and v (B, nkv, T, hd); each group of
-    nh / nkv query heads shares one k/v head. The mask is causal, or attn_mask (B, 1, T, T) bool in the
-    packed layout (packing.py). With a cache, k and v are appended to it first."""
-    if attn_mask is not None:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, enable_gqa=True)
-    if cache is None:  # right padding needs no mask (module docstring)
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-    T = q.size(2)
-    k, v = cache.update(layer_idx, k, v)  # (B, nkv, P + T, hd): P cached positions, then these T
-    P = k.size(2) - T
-    # is_causal=True aligns the mask top-left (query i sees keys 0..i), which is right only for P = 0;
-    # here query i sits at position P + i and sees keys 0..P + i
-    mask = torch.ones(T, P + T, dtype=torch.bool, device=q.device).tril(diagonal=P)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+    """y = softmax(q·kᵀ / √hd + mask) · v for q (B, nh, T, hd), k and v (B, nkv, T, hd); each group of nh / nkv
+    query heads shares one k/v head. The mask is causal (enough for right padding: module docstring), or
+    attn_mask (B, 1, T, T) bool in the packed layout (packing.py). With a cache, k, v are appended to it first."""
+    if cache is not None:
+        T = q.size(2)
+        k, v = cache.update(layer_idx, k, v)  # (B, nkv, P + T, hd): P cached positions, then these T
+        P = k.size(2) - T
+        # is_causal=True aligns the mask top-left (query i sees keys 0..i), which is right only for P = 0;
+        # here query i sits at position P + i and sees keys 0..P + i
+        attn_mask = torch.ones(T, P + T, dtype=torch.bool, device=q.device).tril(diagonal=P)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None, enable_gqa=True)
 
 
 class Attention(nn.Module):
+    norm_class, gated = RMSNorm, False  # Qwen3.5's GatedAttention: (1 + w) q/k norms and an output gate
+
     def __init__(self, cfg, layer_idx):
         super().__init__()
         self.layer_idx = layer_idx
         self.n_head, self.n_kv_head, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        self.q_proj = nn.Linear(cfg.hidden_size, self.n_head * self.head_dim, bias=cfg.attention_bias)
-        self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv_head * self.head_dim, bias=cfg.attention_bias)
-        self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv_head * self.head_dim, bias=cfg.attention_bias)
-        self.o_proj = nn.Linear(self.n_head * self.head_dim, cfg.hidden_size, bias=cfg.o_proj_bias)
-        # Qwen3 only; nn.Identity has no parameters, so Qwen2's state_dict has no q_norm/k_norm keys
-        self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else nn.Identity()
-        self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else nn.Identity()
+        bias = cfg.attention_bias
+        self.q_proj = nn.Linear(cfg.hidden_size, self.n_head * self.head_dim * (2 if self.gated else 1), bias=bias)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv_head * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv_head * self.head_dim, bias=bias)
+        # Qwen2: a bias on q/k/v only, no q/k norms (nn.Identity has no parameters: no q_norm/k_norm keys)
+        self.o_proj = nn.Linear(self.n_head * self.head_dim, cfg.hidden_size, bias=bias and cfg.model_type != "qwen2")
+        norm = nn.Identity if cfg.model_type == "qwen2" else self.norm_class
+        self.q_norm = norm(self.head_dim, cfg.rms_norm_eps)
+        self.k_norm = norm(self.head_dim, cfg.rms_norm_eps)
 
     def forward(self, x, cos, sin, cache=None, attn_mask=None):
         B, T, _ = x.shape
         nh, nkv, hd = self.n_head, self.n_kv_head, self.head_dim
-        q = self.q_norm(self.q_proj(x).view(B, T, nh, hd)).transpose(1, 2)  # (B, nh, T, hd)
+        q = self.q_proj(x).view(B, T, nh, -1)  # (B, T, nh, hd); gated: (B, T, nh, 2 · hd), each head's query, gate
+        q, gate = self.q_norm(q[..., :hd]).transpose(1, 2), q[..., hd:]  # (B, nh, T, hd), (B, T, nh, hd or 0)
         k = self.k_norm(self.k_proj(x).view(B, T, nkv, hd)).transpose(1, 2)  # (B, nkv, T, hd)
         v = self.v_proj(x).view(B, T, nkv, hd).transpose(1, 2)  # (B, nkv, T, hd)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        y = causal_attention(q, k, v, cache, self.layer_idx, attn_mask)  # (B, nh, T, hd)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, nh * hd))  # (B, T, H)
+        y = causal_attention(q, k, v, cache, self.layer_idx, attn_mask).transpose(1, 2)  # (B, T, nh, hd)
+        if self.gated:  # each channel of each head scaled by sigmoid of its gate, σ(gate) ∈ (0, 1)
+            y = y * torch.sigmoid(gate)
+        return self.o_proj(y.reshape(B, T, nh * hd))  # (B, T, H)
 
 
 class MLP(nn.Module):
@@ -196,21 +193,22 @@ class KVCache:
     def update(self, layer_idx, k, v):
         """Store k, v (B, nkv, T, hd) after the cached positions; return all keys and values so far."""
         end = self.length + k.size(2)
-        self.keys[layer_idx, :, :, self.length:end] = k
-        self.values[layer_idx, :, :, self.length:end] = v
-        return self.keys[layer_idx, :, :, :end], self.values[layer_idx, :, :, :end]
+        self.keys[layer_idx][:, :, self.length:end] = k
+        self.values[layer_idx][:, :, self.length:end] = v
+        return self.keys[layer_idx][:, :, :end], self.values[layer_idx][:, :, :end]
 
 
 @torch.no_grad()
 def init_weights(model, seed=0):
-    """Deterministic initialisation on any device: weights ~ N(0, 0.02), biases 0, norm gains 1."""
+    """Deterministic initialisation on any device, as the reference's: matrices and conv kernels ~ N(0, 0.02),
+    biases 0, Qwen3.5's A ~ U(0.01, 16); norm gains (1, or 0 for (1 + w)) and dt_bias (1) keep their initial values."""
     generator = torch.Generator().manual_seed(seed)  # draws on the CPU, so the device does not matter
     for name, p in model.named_parameters():  # a tied lm_head is listed once, as the embedding
-        if name.endswith("bias"):
+        if name.endswith("A_log"):
+            p.copy_(torch.empty(p.shape).uniform_(0.01, 16, generator=generator).log())
+        elif name.endswith(".bias"):
             p.zero_()
-        elif p.ndim == 1:
-            p.fill_(1.0)
-        else:
+        elif p.ndim > 1:
             p.copy_(torch.randn(p.shape, generator=generator) * 0.02)
 
 
@@ -230,10 +228,9 @@ def sample_token(logits, temperature=0.0, top_p=1.0, generator=None):
 
 class Qwen(nn.Module):
     """A Qwen2/Qwen3 causal LM. Qwen(config, seed) is initialised by init_weights(seed).
-    The Qwen3.5 hybrid (qwen35.py) is this class with other layers, final norm, cache and initialisation."""
+    The Qwen3.5 hybrid (qwen35.py) is this class with other layers, final norm and cache."""
     layer_class, norm_class, cache_class = DecoderLayer, RMSNorm, KVCache
     packs = True  # takes the packed layout (packing.py); the hybrid's recurrent state cannot
-    init_weights = staticmethod(init_weights)
 
     def __init__(self, config, seed=0):
         super().__init__()
@@ -252,24 +249,22 @@ class Qwen(nn.Module):
         self.register_buffer("rope_cos", cos, persistent=False)  # (max_len, rotary_dim / 2)
         self.register_buffer("rope_sin", sin, persistent=False)
         if not self.lm_head.weight.is_meta:  # checkpoint loading builds on "meta": nothing to initialise
-            self.init_weights(self, seed)
+            init_weights(self, seed)
 
     def hidden_states(self, input_ids, cache=None, position_ids=None, attn_mask=None):
         """Final-normed hidden states (B, T, H) for input_ids (B, T); with a cache, input_ids continue the
         cached positions (each layer's entry advances). position_ids (B, T), attn_mask (B, 1, T, T): packing.py."""
-        B, T = input_ids.shape
+        T = input_ids.size(1)
         start = 0 if cache is None else cache.length
         if position_ids is None and start + T > self.rope_cos.size(0):
             raise ValueError(f"{start + T} positions exceed max_position_embeddings ({self.rope_cos.size(0)})")
         positions = slice(start, start + T) if position_ids is None else position_ids[:, None]  # packed: (B, 1, T)
         cos, sin = self.rope_cos[positions], self.rope_sin[positions]  # (T, rotary_dim / 2) or (B, 1, T, ...)
-        mask = () if attn_mask is None else (attn_mask,)  # the hybrid's layers take no mask
+        args = (cos, sin, cache) if attn_mask is None else (cos, sin, cache, attn_mask)  # hybrid layers take no mask
+        recompute = self.gradient_checkpointing and self.training and cache is None  # in backward, layer by layer
         x = self.model.embed_tokens(input_ids)  # (B, T, H)
         for layer in self.model.layers:
-            if self.gradient_checkpointing and self.training and cache is None:
-                x = checkpoint(layer, x, cos, sin, None, *mask, use_reentrant=False)  # backward recomputes
-            else:
-                x = layer(x, cos, sin, cache, *mask)
+            x = checkpoint(layer, x, *args, use_reentrant=False) if recompute else layer(x, *args)
         if cache is not None:
             cache.length += T
         return self.model.norm(x)

@@ -90,11 +90,6 @@ def _number(value):
     return float(value) if ok else None
 
 
-def series(rows, key):
-    """[(step, value)] for the rows that have a finite number under key."""
-    return [(row["step"], row[key]) for row in rows if row.get(key) is not None]
-
-
 def ticks(lo, hi, count=5):
     """About `count` round tick values (1, 2 or 5 times a power of ten apart) covering [lo, hi]."""
     raw = (hi - lo) / count
@@ -104,14 +99,11 @@ def ticks(lo, hi, count=5):
     return [i * step for i in range(first, max(math.ceil(hi / step), first + 1) + 1)]  # two at least
 
 
-def _label(value):
-    return f"{value:g}"
-
-
 def panel(x0, y0, title, curves, runs):
     """SVG elements of one panel with its top-left corner at (x0, y0); curves as in PANELS."""
     lines = [(color, dash, f"{name}: {key}", points) for color, (name, rows) in zip(itertools.cycle(COLORS), runs)
-             for dash, (key, _) in zip(DASHES, curves) for points in [series(rows, key)] if points]
+             for dash, (key, _) in zip(DASHES, curves)
+             if (points := [(row["step"], row[key]) for row in rows if row[key] is not None])]
     out = [f'<text x="{x0 + PANEL_W / 2}" y="{y0 + 14}" text-anchor="middle" font-weight="bold">'
            f'{html.escape(title)}</text>']
     for i, (dash, (_, label)) in enumerate(zip(DASHES, curves)):  # the line-style legend, top right
@@ -137,10 +129,10 @@ def panel(x0, y0, title, curves, runs):
         return bottom - (y - y_ticks[0]) / (y_ticks[-1] - y_ticks[0]) * (bottom - top)
     for x in x_ticks:
         out.append(f'<line x1="{to_x(x):.1f}" y1="{bottom}" x2="{to_x(x):.1f}" y2="{bottom + 4}" stroke="#999"/>'
-                   f'<text x="{to_x(x):.1f}" y="{bottom + 16}" text-anchor="middle">{_label(x)}</text>')
+                   f'<text x="{to_x(x):.1f}" y="{bottom + 16}" text-anchor="middle">{x:g}</text>')
     for y in y_ticks:
         out.append(f'<line x1="{left}" y1="{to_y(y):.1f}" x2="{right}" y2="{to_y(y):.1f}" stroke="#eee"/>'
-                   f'<text x="{left - 4}" y="{to_y(y) + 4:.1f}" text-anchor="end">{_label(y)}</text>')
+                   f'<text x="{left - 4}" y="{to_y(y) + 4:.1f}" text-anchor="end">{y:g}</text>')
     out.append(f'<text x="{(left + right) / 2}" y="{bottom + 28}" text-anchor="middle">step</text>')
     for color, dash, name, points in lines:  # the <title> names the curve when hovered
         xy = " ".join(f"{to_x(x):.2f},{to_y(y):.2f}" for x, y in points)

@@ -6,14 +6,13 @@
                        final/          the trained model, written before anything optional runs
 
 Decisions:
-- A run folder belongs to one run. Starting a run in a folder that already holds one is refused; the way
-  to continue it is training.resume_from with its latest checkpoint. A run never writes inside the folder
-  its model or data come from.
-- A checkpoint records everything that decides the rest of the trajectory: every setting except those in
-  RESUMABLE, plus a hash of the data file and a fingerprint of the base model. Resuming with any other
-  difference is refused with the list of differences; a RESUMABLE key is applied from the new config.
-- Every write is atomic (minorpo/files.py), so a killed run leaves complete files and temporary names;
-  recover() puts an interrupted folder swap back and removes the temporary names at the next start.
+- A run folder belongs to one run: starting a run in a folder that holds one is refused (continue that run
+  with training.resume_from=its latest checkpoint), and a run never writes where its model or data come from.
+- A checkpoint records all that decides the rest of the trajectory: every setting but the RESUMABLE ones, a
+  hash of the data and a fingerprint of the base model. A resume differing in any of it is refused, listing
+  the differences; a RESUMABLE key is applied from the new config.
+- Every write is atomic (files.py): a killed run leaves complete files and temporary names, which recover()
+  removes at the next start, putting an interrupted folder swap back.
 """
 import hashlib
 import json
@@ -40,10 +39,9 @@ RESUMABLE = ("run_name", "output_dir", "model_name", "device", "data.path", "dat
 
 def checkpoints(run_dir):
     """The complete step_NNNNNN checkpoints of a run folder, oldest first."""
-    if not os.path.isdir(run_dir):
-        return []
-    names = sorted(n for n in os.listdir(run_dir) if STEP.match(n) and not os.path.islink(os.path.join(run_dir, n)))
-    return [os.path.join(run_dir, n) for n in names if os.path.isfile(os.path.join(run_dir, n, "state.json"))]
+    names = sorted(os.listdir(run_dir)) if os.path.isdir(run_dir) else []
+    paths = [os.path.join(run_dir, n) for n in names if STEP.match(n)]
+    return [p for p in paths if not os.path.islink(p) and os.path.isfile(os.path.join(p, "state.json"))]
 
 
 def _inside(path, folder):
@@ -64,7 +62,7 @@ def check_run_folder(run_dir, resume_from, model_dir, data_paths):
         raise UserError(f"{run_dir} is a symbolic link; a run folder must be a real folder inside output_dir")
     if not os.path.isdir(run_dir) or not os.listdir(run_dir):
         return
-    last = checkpoints(run_dir)[-1] if checkpoints(run_dir) else None
+    last = (checkpoints(run_dir) or [None])[-1]
     if resume_from and last and os.path.realpath(resume_from) == os.path.realpath(last):
         return
     if resume_from and _inside(resume_from, run_dir):
@@ -75,22 +73,19 @@ def check_run_folder(run_dir, resume_from, model_dir, data_paths):
 
 
 def recover(run_dir):
-    """Undo what a killed run left: a folder swap stopped halfway is put back, temporary names are removed.
-    Returns a line per thing done."""
+    """Undo what a killed run left (a folder swap stopped halfway, temporary names); a line per thing done."""
     done = []
     for name in sorted(os.listdir(run_dir)) if os.path.isdir(run_dir) else []:
         match, path = LEFTOVER.match(name), os.path.join(run_dir, name)
-        if not match:
-            continue
-        target = os.path.join(run_dir, match.group(1) or match.group(2))
-        if os.path.islink(path) or match.group(2) and match.group(3) == "old":
+        if not match or os.path.islink(path) or match[2] and match[3] == "old":
             continue  # never ours: atomic_write leaves no .old, and neither writes links
-        if match.group(3) == "old" and not os.path.exists(target):
+        target = os.path.join(run_dir, match[1] or match[2])
+        if match[3] == "old" and not os.path.exists(target):
             os.rename(path, target)  # the crash came between the two renames of atomic_folder
             done.append(f"[recover] {target}: restored from {name}")
-            continue
-        shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
-        done.append(f"[recover] removed {path}, left by a run that was killed while writing")
+        else:
+            shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+            done.append(f"[recover] removed {path}, left by a run that was killed while writing")
     return done
 
 
@@ -119,11 +114,10 @@ def file_hash(path, sample_above=1 << 26):
 
 def trajectory(flat_cfg, data_paths, model_files, world):
     """What a checkpoint must agree on with the run that resumes it (flat keys, JSON values)."""
-    keys = {k: v for k, v in flat_cfg.items() if k not in RESUMABLE}
-    keys["data"] = "".join(file_hash(p, sample_above=None) for p in data_paths)  # every byte: it is read anyway
-    keys["base model"] = file_hash(model_files[0]) + "".join(file_hash(p)[:4] for p in model_files[1:])
-    keys["ranks"] = world
-    return keys
+    return {**{k: v for k, v in flat_cfg.items() if k not in RESUMABLE},
+            "data": "".join(file_hash(p, sample_above=None) for p in data_paths),  # every byte: it is read anyway
+            "base model": file_hash(model_files[0]) + "".join(file_hash(p)[:4] for p in model_files[1:]),
+            "ranks": world}
 
 
 class MetricsLog:
@@ -151,19 +145,19 @@ class MetricsLog:
 
     def keep_up_to(self, step):
         """On resume: keep the rows up to the checkpoint's step; a line cut by a crash is dropped."""
+        if not self.enabled or not os.path.isfile(self.path):
+            return []
         rows, warnings = [], []
-        if self.enabled and os.path.isfile(self.path):
-            with open(self.path, encoding="utf-8", errors="replace") as f:
-                for number, line in enumerate(f, 1):
-                    try:
-                        row = json.loads(line)
-                    except (ValueError, RecursionError):  # a cut line, or one no run of ours wrote
-                        warnings.append(f"[warning] {self.path}:{number}: an unreadable line (cut by a crash?) "
-                                        "is dropped")
-                        continue
-                    if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= step:
-                        rows.append(json.dumps(row) + "\n")
-            atomic_write(self.path, "".join(rows))
+        with open(self.path, encoding="utf-8", errors="replace") as f:
+            for number, line in enumerate(f, 1):
+                try:
+                    row = json.loads(line)
+                except (ValueError, RecursionError):  # a cut line, or one no run of ours wrote
+                    warnings.append(f"[warning] {self.path}:{number}: an unreadable line (cut by a crash?) is dropped")
+                    continue
+                if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= step:
+                    rows.append(json.dumps(row) + "\n")
+        atomic_write(self.path, "".join(rows))
         return warnings
 
     def write(self, row, eta=None):
@@ -224,8 +218,7 @@ def resume_command(argv, folder):
 
 
 def excepthook(kind, error, tb):
-    """Mistakes in what the user gave, a full disk and Ctrl-C end in one line; anything else is a bug in
-    minorpo and keeps its traceback."""
+    """A user's mistake, a full disk and Ctrl-C end in one line; anything else is a bug: it keeps its traceback."""
     if issubclass(kind, UserError):
         print(f"error: {error}", file=sys.stderr)
     elif issubclass(kind, OSError):

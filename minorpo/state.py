@@ -24,15 +24,12 @@ from minorpo.files import UserError, atomic_folder, file_inside, read_json, read
     save_safetensors
 
 FIX = "the checkpoint is damaged: resume from another checkpoint"
-META = ("step", "epoch", "position", "skipped")  # non-negative ints in state.json, beside param_names
 
 
 def _whole(tensor, keep):
-    """The whole tensor (on the CPU if kept): an FSDP shard (DTensor) is gathered from every rank, a collective."""
-    if hasattr(tensor, "full_tensor"):
-        tensor = tensor.full_tensor()
-        return tensor.cpu() if keep else None
-    return tensor
+    """The whole tensor on the CPU, if kept: an FSDP shard (DTensor) is gathered from every rank, a collective."""
+    whole = tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
+    return whole.cpu() if keep else None
 
 
 def _like(param, whole):
@@ -72,7 +69,7 @@ def load(folder, model, optimizer, names, expect):
                         "outputs/<run>/step_NNNNNN folder")
     path = file_inside(folder, "state.json", "checkpoint file")
     meta = read_json(path, FIX)
-    for key in META + ("param_names",):
+    for key in ("step", "epoch", "position", "skipped", "param_names"):  # non-negative ints, and a list
         kind = list if key == "param_names" else int
         if type(meta.get(key)) is not kind or kind is int and meta[key] < 0:
             raise UserError(f"{path}: {key} is missing or not a{' list' if kind is list else ' count'}; {FIX}")

@@ -1,14 +1,12 @@
 """One optimizer step and one evaluation pass, shared by train.py and bench.py (the same code is timed).
 
-train_step reads as one step, top to bottom: forward (log-probs of the label tokens), loss
-(loss.orpo_loss or loss.sft_loss), backward, clip, guard, optimizer step.
+train_step reads top to bottom: forward (label log-probs), loss (loss.py), backward, clip, guard, optimizer step.
 
 Decisions:
-- Gradient accumulation is exact: every micro-batch's loss is normalised by the chosen-token and pair
-  counts of the whole optimizer batch (summed over micro-batches and data-parallel ranks), so the
-  summed gradients equal those of one big batch; dividing each micro-batch's own mean by k would
-  weigh the tokens of a short micro-batch more. DDP and FSDP average gradients over ranks, so the loss is
-  scaled by the world size to turn that average back into the sum.
+- Gradient accumulation is exact: every micro-batch's loss is normalised by the chosen-token and pair counts
+  of the whole optimizer batch (summed over micro-batches and ranks), so the summed gradients equal one big
+  batch's; dividing each micro-batch's own mean by k would weigh a short micro-batch's tokens more. DDP and
+  FSDP average gradients over ranks, so the loss is scaled by the world size to turn that back into the sum.
 - The guard: a non-finite loss or gradient norm skips the update (gradients are dropped), so weights are
   never touched by NaN; train.py counts the skips and stops after too many in a row.
 """
@@ -24,12 +22,9 @@ from minorpo import loss, packing
 
 class Policy(nn.Module):
     """The model plus the response-only head: forward(input_ids, labels) -> (label log-probs, mask), (N, T-1).
-
-    It exists for DistributedDataParallel, which wraps one module and prepares the gradient reduction
-    in its forward(). The model's own forward() returns logits over the whole vocabulary, which the
-    loss never needs, so this forward() is the training forward pass: hidden states, then the head at
-    label positions only (loss.chunked_label_logps).
-    """
+    DDP wraps one module and prepares the gradient reduction in its forward(), so this forward() is the training
+    pass: hidden states, then the head at label positions only (loss.chunked_label_logps), not the model's
+    forward(), whose logits over the whole vocabulary the loss never needs."""
 
     def __init__(self, model, chunk_size=4096):
         super().__init__()
@@ -72,19 +67,16 @@ def batch_counts(micro_batches, objective):
 
 def train_step(policy, optimizer, micro_batches, objective, orpo_lambda=None, reduction="mean",
                max_grad_norm=1.0, autocast=contextlib.nullcontext, device="cpu"):
-    """Forward and backward over the micro-batches of one optimizer step, clip, guard, AdamW step.
-    Returns the step's metrics (floats, summed over micro-batches and averaged over ranks) with
-    `grad_norm` and `skipped` (1.0 when the update was dropped for a non-finite loss or gradient)."""
+    """Forward and backward over the micro-batches of one optimizer step, clip, guard, AdamW step. Returns the
+    whole batch's metrics (floats), `grad_norm`, and `skipped`: 1.0 when a non-finite value dropped the update."""
     num_tokens, num_pairs = all_reduce(batch_counts(micro_batches, objective).to(device)).tolist()
     world_size = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
     sums = {}
     for index, batch in enumerate(micro_batches):
         last = index == len(micro_batches) - 1  # DDP all-reduces the gradients once, in the last backward
         with contextlib.nullcontext() if last or not hasattr(policy, "no_sync") else policy.no_sync():
-            with autocast():
-                # forward: log-probs of the label tokens and their mask, (N, T-1) each
-                token_logps, mask = policy(**{name: t.to(device) for name, t in batch.items()})
-                # loss, normalised by the whole batch's counts
+            with autocast():  # forward, then the loss normalised by the whole batch's counts
+                token_logps, mask = policy(**{name: t.to(device) for name, t in batch.items()})  # (N, T-1) each
                 step_loss, metrics = (loss.orpo_loss(token_logps, mask, orpo_lambda, reduction, num_tokens, num_pairs)
                                       if objective == "orpo" else loss.sft_loss(token_logps, mask, num_tokens))
             (step_loss * world_size).backward()  # backward: gradients add up over the micro-batches

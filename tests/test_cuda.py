@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import bench  # noqa: E402
-from minorpo import lora, step  # noqa: E402
+from minorpo import batches, lora, step  # noqa: E402
 from minorpo.checkpoint import load_model  # noqa: E402
 from minorpo.model import ModelConfig, Qwen  # noqa: E402
 
@@ -84,12 +84,12 @@ def test_cuda_compiled_layers_equal_eager_in_logits_and_lora_gradients():
 
 def test_cuda_bf16_train_step_keeps_fp32_masters_and_updates_them():
     model = tiny_lora_model().to(torch.bfloat16)  # frozen weights bf16, as train.py loads them on CUDA
-    trained = lora.master_parameters(model, ["lora", "attn_lora"])
+    trained = lora.fp32_trained_parameters(model, ["lora", "attn_lora"])
     assert all(p.dtype == torch.float32 for p in trained.values())
     assert model.model.layers[0].mlp.up_proj.weight.dtype == torch.bfloat16
     before = {n: p.detach().clone() for n, p in trained.items()}
     optimizer = step.adamw(trained, lr=1e-3, weight_decay=0.0, fused=True)
-    batch, _ = bench.protocol_batch(4, 256, 8, 32, 64)
+    batch = batches.collate(bench.protocol_examples(4, 256, 8, 32, 64), pad_id=0)
     metrics = step.train_step(step.Policy(model), optimizer, [batch], "orpo", 0.1, "mean", 1.0,
                               lambda: torch.autocast("cuda", dtype=torch.bfloat16), "cuda")
     assert math.isfinite(metrics["total_loss"]) and metrics["skipped"] == 0.0

@@ -70,7 +70,7 @@ def test_resumed_two_process_run_continues_exactly(tmp_path):
 def test_a_last_batch_smaller_than_the_ranks_is_dropped(tmp_path):
     from minorpo import tiny
     # 13 pairs in global batches of 2 x 2 ranks: the last batch holds 1 pair, too few for 2 ranks
-    path = tiny.write_pairs(str(tmp_path / "pairs.jsonl"), n=13)
+    path = tiny.ensure_pairs(str(tmp_path / "pairs.jsonl"), n=13)
     run(tmp_path, 2, f"data.path={path}", "data.eval_fraction=0", "training.batch_size=2",
         "training.grad_accum_steps=1", "training.max_steps=8", "run_name=short")  # over 2 epochs
     assert [r["train/tokens"] > 0 for r in train_rows(tmp_path / "short")] == [True] * 8
