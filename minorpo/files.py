@@ -25,6 +25,7 @@ import torch
 import yaml
 from safetensors import SafetensorError, safe_open
 
+
 class UserError(ValueError):
     """A mistake in something the user gave: a setting, a file, a folder. train.py prints the message as one
     line (no traceback) and exits nonzero, so it must name the file, line or key, and the fix."""

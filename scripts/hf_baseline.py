@@ -80,7 +80,7 @@ def run(shape, grad_ckpt, pairs=8, steps=8, warmup=3):
     model = build_model(shape, grad_ckpt, device)
     trained = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trained, lr=1e-5, weight_decay=0.0, fused=on_cuda)
-    batch, real_tokens = bench.batch_for(shape, pairs)
+    (batch,), (real_tokens,) = bench.batches_for(shape, pairs, "padded", None)  # the protocol batch, padded
     input_ids, labels = batch["input_ids"].to(device), batch["labels"].to(device)
     # right padding: a row ends at its last labelled token (its answer comes last)
     positions = torch.arange(labels.shape[1], device=device)

@@ -33,8 +33,8 @@ def test_dry_run_writes_every_field(run_many, tmp_path):
             assert row["status"] == "skipped" and "transformers" in row["reason"]
         else:
             assert row["status"] == "ok" and row["real_tok_per_s"] > 0 and row["step_ms"] > 0, row
-    # on the CPU every CUDA test skips, and none fails
-    assert result["tests_failed"] == 0 and result["tests_passed"] == 0 and result["tests_skipped"] >= 4
+    # on the CPU the CUDA variants skip and the CPU variants pass (tests/test_cuda.py); none fails
+    assert result["tests_failed"] == 0 and result["tests_passed"] >= 4 and result["tests_skipped"] >= 4
     for name in gpu_check.TRAIN_RUNS:
         run = result[name]
         assert run["status"] == "ok", run
