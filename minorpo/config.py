@@ -15,6 +15,7 @@ import difflib
 import math
 import os
 import re
+import sys
 
 import yaml
 
@@ -144,10 +145,13 @@ def load(path, overrides=()):
         key, text = assignment.split("=", 1)
         where = f"`{assignment}`" if len(assignment) <= 80 else f"`{assignment[:60]}...`"  # one short line
         settings.append((key.strip(), parse_yaml(text, where), where))
-    cfg = copy.deepcopy(DEFAULTS)
+    cfg, given = copy.deepcopy(DEFAULTS), {key for key, _, _ in settings}
     for key, value, where in settings:
         set_key(cfg, key, value, where)
-    return validate(cfg, {key for key, _, _ in settings}, path + (" + overrides" if overrides else ""))
+    if left_out := [key for key in flat(DEFAULTS) if key not in given]:  # said, as they suit only the tiny demo
+        print(f"[config] {path} leaves out {len(left_out)} keys ({', '.join(left_out[:3])}, ...); they take "
+              "presets/orpo.yml's values, tuned for the tiny demo model", file=sys.stderr)
+    return validate(cfg, given, path + (" + overrides" if overrides else ""))
 
 
 def save(cfg, run_dir):
