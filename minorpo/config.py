@@ -47,7 +47,8 @@ def documented(text):
 
 PRESETS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "presets")
 DEFAULTS, _text = read_yaml(os.path.join(PRESETS, "orpo.yml"))
-HELP = {key: line for key, line in documented(_text).items() if key in flat(DEFAULTS)}
+FLAT_DEFAULTS = flat(DEFAULTS)  # {dotted key: default}; never changed (load copies DEFAULTS)
+HELP = {key: line for key, line in documented(_text).items() if key in FLAT_DEFAULTS}
 CHOICES = {key: [word.split()[0].rstrip(":") for word in comment.split(" | ")]
            for key, (_, comment) in HELP.items() if " | " in comment}
 INTERVAL = re.compile(r"([\[(])(-?[\d.e+]+), (-?[\d.e+]+)([\])])")  # (0, 1] in a comment
@@ -64,7 +65,7 @@ def shown(value):
 
 def check(key, value, where):
     """Return `value` if it suits `key` (type, choice, range); else raise one line naming key, rule, value."""
-    want = NULLABLE.get(key) or type(flat(DEFAULTS)[key])
+    want = NULLABLE.get(key) or type(FLAT_DEFAULTS[key])
     if value is None and key in NULLABLE:
         return None
     value = float(value) if want is float and type(value) is int else value
@@ -89,11 +90,10 @@ def check(key, value, where):
 
 def set_key(cfg, key, value, where):
     """Set one dotted key of the nested cfg, with a "did you mean" for an unknown one."""
-    keys = flat(DEFAULTS)
     if isinstance(DEFAULTS.get(key), dict):
         raise ConfigError(f"{where}: `{key}` is a section: give its keys, like {key}.{next(iter(DEFAULTS[key]))}")
-    if key not in keys:
-        close = difflib.get_close_matches(key[:100], keys, n=1, cutoff=0.6)
+    if key not in FLAT_DEFAULTS:
+        close = difflib.get_close_matches(key[:100], FLAT_DEFAULTS, n=1, cutoff=0.6)
         raise ConfigError(f"{where}: unknown config key `{key if len(key) <= 80 else key[:60] + '...'}`;" +
                           (f" did you mean `{close[0]}`?" if close else " `python train.py --help` lists them"))
     section, _, leaf = key.rpartition(".")  # sections are one level deep
@@ -148,7 +148,7 @@ def load(path, overrides=()):
     cfg, given = copy.deepcopy(DEFAULTS), {key for key, _, _ in settings}
     for key, value, where in settings:
         set_key(cfg, key, value, where)
-    if left_out := [key for key in flat(DEFAULTS) if key not in given]:  # said, as they suit only the tiny demo
+    if left_out := [key for key in FLAT_DEFAULTS if key not in given]:  # said, as they suit only the tiny demo
         print(f"[config] {path} leaves out {len(left_out)} keys ({', '.join(left_out[:3])}, ...); they take "
               "presets/orpo.yml's values, tuned for the tiny demo model", file=sys.stderr)
     return validate(cfg, given, path + (" + overrides" if overrides else ""))
