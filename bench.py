@@ -118,7 +118,7 @@ def run(shape, kind, pairs, compile_layers, grad_ckpt, chunk_size, steps, warmup
     if compile_layers:
         for layer in model.model.layers:
             layer.compile()
-    policy = step.Policy(model, chunk_size)
+    scorer = step.ResponseLogps(model, chunk_size)
     optimizer = step.adamw(trained, lr=1e-5, weight_decay=0.0, fused=on_cuda)
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if on_cuda else contextlib.nullcontext
     layout = layout if model.packs else "padded"  # the Qwen3.5 hybrid cannot be packed (minorpo/packing.py)
@@ -131,7 +131,7 @@ def run(shape, kind, pairs, compile_layers, grad_ckpt, chunk_size, steps, warmup
         if on_cuda:
             torch.cuda.synchronize()
         start = time.perf_counter()
-        metrics = step.train_step(policy, optimizer, [batch], "orpo", 0.1, "mean", 1.0, autocast, device)
+        metrics = step.train_step(scorer, optimizer, [batch], "orpo", 0.1, "mean", 1.0, autocast, device)
         if on_cuda:
             torch.cuda.synchronize()  # kernels run asynchronously: wait for them before reading the clock
         if i >= warmup:

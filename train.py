@@ -111,13 +111,13 @@ model.gradient_checkpointing = train_cfg["gradient_checkpointing"]
 if train_cfg["compile"] == "on" or (train_cfg["compile"] == "auto" and on_cuda):
     for layer in model.model.layers:  # per layer: small graphs, one compile reused 28 times
         layer.compile()
-policy = step.Policy(model, cfg["loss"]["head_chunk_size"])
-train_policy = policy
+scorer = step.ResponseLogps(model, cfg["loss"]["head_chunk_size"])
+train_scorer = scorer
 if fsdp:  # the sharded parameters are new objects: AdamW must hold those
     trained = {n: p for n, p in distributed.shard(model, bf16).items() if n in trained}
 elif launched:  # DDP registers the parameters that require grad at wrap time: every one any phase trains
     lora.set_trainable(model, ever_trained)
-    train_policy = distributed.wrap_ddp(policy, device, on_cuda, find_unused=len(train_cfg["phases"]) > 1)
+    train_scorer = distributed.wrap_ddp(scorer, device, on_cuda, find_unused=len(train_cfg["phases"]) > 1)
 
 # 5. AdamW: weight decay on matrices only, never on norms and biases; fused kernels on CUDA
 names = list(trained)
@@ -162,7 +162,7 @@ def show_samples(title):
 def run_eval():  # pairs are scored as ORPO scores them; an SFT run's total is its SFT loss (lambda 0)
     kind = "orpo" if "chosen_labels" in eval_set[0] else "sft"
     lam = train_cfg["orpo_lambda"] if objective == "orpo" else 0.0
-    metrics = step.evaluate(policy, eval_batches, kind, lam, cfg["loss"]["logp_reduction"], autocast, device)
+    metrics = step.evaluate(scorer, eval_batches, kind, lam, cfg["loss"]["logp_reduction"], autocast, device)
     return {f"eval/{k}": v for k, v in metrics.items()}
 
 
@@ -236,7 +236,7 @@ while it < train_cfg["max_steps"]:
     for group in optimizer.param_groups:
         group["lr"] = lr
     # one optimizer step: forward (label log-probs) -> loss (loss.py) -> backward -> clip -> guard -> AdamW
-    metrics = step.train_step(policy=train_policy, optimizer=optimizer, micro_batches=micro_batches,
+    metrics = step.train_step(scorer=train_scorer, optimizer=optimizer, micro_batches=micro_batches,
                               objective=objective, orpo_lambda=train_cfg["orpo_lambda"],
                               reduction=cfg["loss"]["logp_reduction"], max_grad_norm=train_cfg["max_grad_norm"],
                               autocast=autocast, device=device)

@@ -7,7 +7,7 @@ parameter, gradient and moment; a layer's weights are gathered just before it ru
 Decisions:
 - fully_shard on each decoder layer, then on the whole model (the root: embedding, final norm, head). The
   training forward calls model.hidden_states, not model(), so it is registered as an FSDP forward method;
-  the root keeps its weights gathered after the forward, so the head (Policy) reads the whole matrix.
+  the root keeps its weights gathered after the forward, so the head (step.ResponseLogps) reads the whole matrix.
 - Gradient accumulation under FSDP reduce-scatters after every micro-batch: gradients stay sharded (1/N of
   their memory) at the cost of one reduce-scatter per micro-batch; the sum is the same (tests/test_fsdp.py).
 - bf16 runs gather weights in bf16 and reduce gradients in fp32 (MixedPrecisionPolicy); fp32 runs stay fp32.
@@ -38,14 +38,14 @@ def setup(fsdp, on_cuda):
     return True, dist.get_rank(), dist.get_world_size(), device
 
 
-def wrap_ddp(policy, device, on_cuda, find_unused):
+def wrap_ddp(scorer, device, on_cuda, find_unused):
     """DDP registers the parameters that require grad at wrap time: make every one any phase trains trainable first."""
     import warnings
     from torch.nn.parallel import DistributedDataParallel as DDP
     # The only buffers are the RoPE tables, the same on every rank: no need to broadcast them (~40 MB for
     # Qwen3) before every forward. Newer torch renames the flag and warns; the old one still works.
     warnings.filterwarnings("ignore", message="`broadcast_buffers` is deprecated")
-    return DDP(policy, device_ids=[device] if on_cuda else None, broadcast_buffers=False,
+    return DDP(scorer, device_ids=[device] if on_cuda else None, broadcast_buffers=False,
                find_unused_parameters=find_unused)
 
 
@@ -57,7 +57,7 @@ def shard(model, bf16):
         else MixedPrecisionPolicy()
     for module in [*model.model.layers, model]:  # the root last
         fully_shard(module, mp_policy=policy)
-    register_fsdp_forward_method(model, "hidden_states")  # Policy and generate call it, not model()
+    register_fsdp_forward_method(model, "hidden_states")  # ResponseLogps and generate call it, not model()
     return dict(model.named_parameters())
 
 

@@ -121,7 +121,7 @@ def odds_ratio_loss(chosen_logps, rejected_logps):
     return -F.logsigmoid(log_odds_ratio), log_odds_ratio
 
 
-def orpo_loss(token_logps, mask, orpo_lambda, reduction="mean", num_chosen_tokens=None,
+def orpo_objective(token_logps, mask, orpo_lambda, reduction="mean", num_chosen_tokens=None,
               num_pairs=None):
     """The ORPO objective (Eq. 6) over 2P rows: P chosen rows, then the P rejected rows in the same order.
 
@@ -133,7 +133,7 @@ def orpo_loss(token_logps, mask, orpo_lambda, reduction="mean", num_chosen_token
       sft_loss        sum of chosen-token NLL / num_chosen_tokens
       orpo_loss       sum of L_OR / num_pairs
       total_loss      sft_loss + orpo_lambda * orpo_loss
-      log_odds        sum of log OR / num_pairs (the mean log odds ratio)
+      log_odds_ratio  sum of log OR / num_pairs (the mean log odds ratio)
       pref_accuracy   count of pairs with log OR > 0 / num_pairs
       chosen_logps    sum of the chosen sequence log-probs / num_pairs (same for rejected_logps)
     """
@@ -159,7 +159,7 @@ def orpo_loss(token_logps, mask, orpo_lambda, reduction="mean", num_chosen_token
     total = sft + orpo_lambda * orpo
     metrics = {
         "sft_loss": sft, "orpo_loss": orpo, "total_loss": total,
-        "log_odds": log_odds_ratio.sum() / num_pairs,
+        "log_odds_ratio": log_odds_ratio.sum() / num_pairs,
         "pref_accuracy": (log_odds_ratio > 0).sum() / num_pairs,
         "chosen_logps": chosen_logps.sum() / num_pairs,
         "rejected_logps": rejected_logps.sum() / num_pairs,
@@ -167,8 +167,8 @@ def orpo_loss(token_logps, mask, orpo_lambda, reduction="mean", num_chosen_token
     return total, {name: value.detach() for name, value in metrics.items()}
 
 
-def sft_loss(token_logps, mask, num_tokens=None):
-    """orpo_loss's token-weighted L_SFT over every row (training.type sft); num_tokens as there.
+def sft_objective(token_logps, mask, num_tokens=None):
+    """orpo_objective's token-weighted L_SFT over every row (training.type sft); num_tokens as there.
     Returns the loss and detached metrics sft_loss and total_loss (the same: there is no second term)."""
     _check_every_row_has_labels(mask)
     num_tokens = mask.sum() if num_tokens is None else num_tokens

@@ -30,7 +30,7 @@ from minorpo.files import UserError, atomic_write, file_inside
 
 PANELS = [  # (title, [(metrics key, legend label)]): the first curve solid, the second dashed
     ("Loss terms (train)", [("train/sft_loss", "L_SFT"), ("train/orpo_loss", "L_OR")]),
-    ("Log odds ratio", [("train/log_odds", "train"), ("eval/log_odds", "eval")]),
+    ("Log odds ratio", [("train/log_odds_ratio", "train"), ("eval/log_odds_ratio", "eval")]),
     ("Preference accuracy", [("train/pref_accuracy", "train"), ("eval/pref_accuracy", "eval")]),
     ("Log-probability (eval)", [("eval/chosen_logps", "chosen"), ("eval/rejected_logps", "rejected")]),
 ]
@@ -40,6 +40,7 @@ PANEL_W, PANEL_H, MARGIN, TOP = 440, 270, 55, 60  # one panel's box; left/bottom
 MAX_LINE = 1 << 20  # a metrics row is a few hundred bytes; a longer line is not a metrics file
 MAX_ROWS = 10_000
 KEYS = ["step"] + [key for _, curves in PANELS for key, _ in curves]
+OLD_NAMES = {"train/log_odds": "train/log_odds_ratio", "eval/log_odds": "eval/log_odds_ratio"}  # before the rename
 
 
 class PlotError(UserError):
@@ -69,6 +70,7 @@ def read_metrics(path):
             except (ValueError, RecursionError):  # not JSON, or nested deeper than Python recurses
                 row = None
             if isinstance(row, dict) and _number(row.get("step")) is not None:
+                row.update({new: row[old] for old, new in OLD_NAMES.items() if old in row and new not in row})
                 seen += 1
                 if seen % stride == 0:
                     rows.append({key: _number(row.get(key)) for key in KEYS})

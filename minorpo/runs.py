@@ -166,7 +166,7 @@ class MetricsLog:
         if "train/total_loss" in row:
             line += f" | loss {row['train/total_loss']:.4f} | sft {row['train/sft_loss']:.4f}"
             if self.objective == "orpo":
-                line += (f" | or {row['train/orpo_loss']:.4f} | log_odds {row['train/log_odds']:+.3f}"
+                line += (f" | or {row['train/orpo_loss']:.4f} | log OR {row['train/log_odds_ratio']:+.3f}"
                          f" | acc {row['train/pref_accuracy']:.2f}")
             line += (f" | lr {row['train/lr']:.2e} | grad {row['train/grad_norm']:.2f}"
                      f" | {row['train/tokens_per_s']:,.0f} tok/s")

@@ -20,7 +20,7 @@ import torch.nn as nn
 from minorpo import loss, packing
 
 
-class Policy(nn.Module):
+class ResponseLogps(nn.Module):
     """The model plus the response-only head: forward(input_ids, labels) -> (label log-probs, mask), (N, T-1).
     DDP wraps one module and prepares the gradient reduction in its forward(), so this forward() is the training
     pass: hidden states, then the head at label positions only (loss.chunked_label_logps), not the model's
@@ -65,7 +65,7 @@ def batch_counts(micro_batches, objective):
     return torch.tensor([num_tokens, num_pairs], dtype=torch.float64)
 
 
-def train_step(policy, optimizer, micro_batches, objective, orpo_lambda=None, reduction="mean",
+def train_step(scorer, optimizer, micro_batches, objective, orpo_lambda=None, reduction="mean",
                max_grad_norm=1.0, autocast=contextlib.nullcontext, device="cpu"):
     """Forward and backward over the micro-batches of one optimizer step, clip, guard, AdamW step. Returns the
     whole batch's metrics (floats), `grad_norm`, and `skipped`: 1.0 when a non-finite value dropped the update."""
@@ -74,11 +74,11 @@ def train_step(policy, optimizer, micro_batches, objective, orpo_lambda=None, re
     sums = {}
     for index, batch in enumerate(micro_batches):
         last = index == len(micro_batches) - 1  # DDP all-reduces the gradients once, in the last backward
-        with contextlib.nullcontext() if last or not hasattr(policy, "no_sync") else policy.no_sync():
+        with contextlib.nullcontext() if last or not hasattr(scorer, "no_sync") else scorer.no_sync():
             with autocast():  # forward, then the loss normalised by the whole batch's counts
-                token_logps, mask = policy(**{name: t.to(device) for name, t in batch.items()})  # (N, T-1) each
-                step_loss, metrics = (loss.orpo_loss(token_logps, mask, orpo_lambda, reduction, num_tokens, num_pairs)
-                                      if objective == "orpo" else loss.sft_loss(token_logps, mask, num_tokens))
+                token_logps, mask = scorer(**{name: t.to(device) for name, t in batch.items()})  # (N, T-1) each
+                step_loss, metrics = (loss.orpo_objective(token_logps, mask, orpo_lambda, reduction, num_tokens, num_pairs)
+                                      if objective == "orpo" else loss.sft_objective(token_logps, mask, num_tokens))
             (step_loss * world_size).backward()  # backward: gradients add up over the micro-batches
         sums = {name: sums.get(name, 0.0) + value for name, value in metrics.items()}
     # clip the global gradient norm to max_grad_norm (0: measure it, clip nothing)
@@ -99,18 +99,18 @@ def train_step(policy, optimizer, micro_batches, objective, orpo_lambda=None, re
 
 
 @torch.no_grad()
-def evaluate(policy, batches, objective, orpo_lambda=None, reduction="mean", autocast=contextlib.nullcontext,
+def evaluate(scorer, batches, objective, orpo_lambda=None, reduction="mean", autocast=contextlib.nullcontext,
              device="cpu"):
     """Metrics over all the held-out batches, normalised over the whole held-out set (this process's)."""
-    was_training = policy.training
-    policy.eval()
+    was_training = scorer.training
+    scorer.eval()
     num_tokens, num_pairs = batch_counts(batches, objective).tolist()
     sums = {}
     for batch in batches:
         with autocast():
-            token_logps, mask = policy(**{name: t.to(device) for name, t in batch.items()})
-            _, metrics = (loss.orpo_loss(token_logps, mask, orpo_lambda, reduction, num_tokens, num_pairs)
-                          if objective == "orpo" else loss.sft_loss(token_logps, mask, num_tokens))
+            token_logps, mask = scorer(**{name: t.to(device) for name, t in batch.items()})
+            _, metrics = (loss.orpo_objective(token_logps, mask, orpo_lambda, reduction, num_tokens, num_pairs)
+                          if objective == "orpo" else loss.sft_objective(token_logps, mask, num_tokens))
         sums = {name: sums.get(name, 0.0) + float(value) for name, value in metrics.items()}
-    policy.train(was_training)
+    scorer.train(was_training)
     return sums

@@ -98,7 +98,7 @@ def test_cuda_bf16_train_step_keeps_fp32_masters_and_updates_them(device):
     before = {n: p.detach().clone() for n, p in trained.items()}
     optimizer = step.adamw(trained, lr=1e-3, weight_decay=0.0, fused=device == "cuda")
     batch = batches.collate(bench.protocol_examples(4, 256, 8, 32, 64), pad_id=0)
-    metrics = step.train_step(step.Policy(model), optimizer, [batch], "orpo", 0.1, "mean", 1.0,
+    metrics = step.train_step(step.ResponseLogps(model), optimizer, [batch], "orpo", 0.1, "mean", 1.0,
                               lambda: torch.autocast(device, dtype=torch.bfloat16), device)
     assert math.isfinite(metrics["total_loss"]) and metrics["skipped"] == 0.0
     assert all(p.dtype == torch.float32 for p in trained.values())

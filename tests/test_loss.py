@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from minorpo.loss import (IGNORE_INDEX, LOGP_SUM_WARNING, chunked_label_logps, label_logps, log1mexp, log_odds,
-                          odds_ratio_loss, orpo_loss, sequence_logps, sft_loss)
+                          odds_ratio_loss, orpo_objective, sequence_logps, sft_objective)
 
 getcontext().prec = 40
 LN2 = 0.6931471805599453
@@ -186,7 +186,7 @@ CHOSEN, REJECTED = [-0.3, -1.2, -0.6], [-0.9, -1.5, -0.7, -1.1]
 
 def or_loss_with_chosen_repeated(repeats, reduction):
     """L_OR when the chosen response is repeated `repeats` times: the same per-token mean, longer."""
-    return orpo_loss(*rows_of(CHOSEN * repeats, REJECTED), 0.1, reduction)[1]["orpo_loss"]
+    return orpo_objective(*rows_of(CHOSEN * repeats, REJECTED), 0.1, reduction)[1]["orpo_loss"]
 
 
 def test_mean_orpo_loss_ignores_the_length_of_a_response():
@@ -201,20 +201,20 @@ SHORT, LONG = [-1.0] * 200, [-1.0] * 260  # equal quality: -1.0 per token
 
 
 def test_sum_gives_the_shorter_chosen_answer_log_odds_ratio_60_and_no_loss():
-    _, metrics = orpo_loss(*rows_of(SHORT, LONG), 0.1, "sum")
-    assert abs(metrics["log_odds"] - 60) < 1e-9
+    _, metrics = orpo_objective(*rows_of(SHORT, LONG), 0.1, "sum")
+    assert abs(metrics["log_odds_ratio"] - 60) < 1e-9
     assert metrics["orpo_loss"] < 1e-25  # ln(1 + e^-60): no gradient
 
 
 def test_sum_gives_the_longer_chosen_answer_log_odds_ratio_minus_60_and_loss_60():
-    _, metrics = orpo_loss(*rows_of(LONG, SHORT), 0.1, "sum")
-    assert abs(metrics["log_odds"] + 60) < 1e-9
+    _, metrics = orpo_objective(*rows_of(LONG, SHORT), 0.1, "sum")
+    assert abs(metrics["log_odds_ratio"] + 60) < 1e-9
     assert abs(metrics["orpo_loss"] - 60) < 1e-9
 
 
 def test_mean_gives_answers_of_equal_quality_log_odds_ratio_0_and_loss_ln2():
-    _, metrics = orpo_loss(*rows_of(LONG, SHORT), 0.1, "mean")
-    assert abs(metrics["log_odds"]) < 1e-12
+    _, metrics = orpo_objective(*rows_of(LONG, SHORT), 0.1, "mean")
+    assert abs(metrics["log_odds_ratio"]) < 1e-12
     assert abs(metrics["orpo_loss"] - LN2) < 1e-12
 
 
@@ -232,7 +232,7 @@ def test_sequence_logps_sum_and_mean_by_hand():
 def test_orpo_metrics_by_hand():
     # pairs: (chosen -1, rejected -2) and (chosen [-2, -4] mean -3, rejected -1)
     logps, mask = rows_of([-1.0], [-2.0, -4.0], [-2.0], [-1.0])
-    loss, metrics = orpo_loss(logps, mask, orpo_lambda=0.5)
+    loss, metrics = orpo_objective(logps, mask, orpo_lambda=0.5)
     sft = (1 + 2 + 4) / 3  # chosen tokens only, token-weighted mean over the batch
     log_ors = [float(dec_log_odds(-1.0) - dec_log_odds(-2.0)), float(dec_log_odds(-3.0) - dec_log_odds(-1.0))]
     orpo = sum(math.log1p(math.exp(-log_or)) for log_or in log_ors) / 2
@@ -240,7 +240,7 @@ def test_orpo_metrics_by_hand():
     assert abs(metrics["orpo_loss"] - orpo) < 1e-12
     assert abs(loss.item() - (sft + 0.5 * orpo)) < 1e-12
     assert abs(metrics["total_loss"] - loss.item()) < 1e-12
-    assert abs(metrics["log_odds"] - sum(log_ors) / 2) < 1e-12
+    assert abs(metrics["log_odds_ratio"] - sum(log_ors) / 2) < 1e-12
     assert metrics["pref_accuracy"] == 0.5
     assert metrics["chosen_logps"] == -2.0
     assert metrics["rejected_logps"] == -1.5
@@ -250,8 +250,8 @@ def test_orpo_metrics_by_hand():
 def test_sft_is_a_token_weighted_mean_not_a_mean_of_sequence_means():
     # chosen rows of 1 token (-1) and 2 tokens (-2, -4): (1 + 2 + 4) / 3 = 2.333, not (1 + 3) / 2 = 2
     logps, mask = rows_of([-1.0], [-2.0, -4.0], [-2.0], [-1.0])
-    assert abs(orpo_loss(logps, mask, 0.5)[1]["sft_loss"] - 7 / 3) < 1e-12
-    assert abs(sft_loss(logps[:2], mask[:2])[1]["sft_loss"] - 7 / 3) < 1e-12
+    assert abs(orpo_objective(logps, mask, 0.5)[1]["sft_loss"] - 7 / 3) < 1e-12
+    assert abs(sft_objective(logps[:2], mask[:2])[1]["sft_loss"] - 7 / 3) < 1e-12
 
 
 # ---- the chunked output head ----
@@ -387,7 +387,7 @@ def test_orpo_micro_batches_give_the_whole_batch_gradient_and_metrics():
     model = TinyCausalLM().double()
     params = list(model.parameters())
     ids, labels = pair_batch(PAIRS)
-    whole_loss, whole_metrics = orpo_loss(*model(ids, labels), orpo_lambda=0.3)
+    whole_loss, whole_metrics = orpo_objective(*model(ids, labels), orpo_lambda=0.3)
     whole_grads = torch.autograd.grad(whole_loss, params)
 
     num_chosen_tokens = sum(chosen[1] for chosen, _ in PAIRS)  # 12, counted over the whole batch
@@ -396,13 +396,13 @@ def test_orpo_micro_batches_give_the_whole_batch_gradient_and_metrics():
     mean_of_micro_means = 0.0
     for micro in ([0], [1, 2, 3]):  # uneven micro-batches: 1 pair, then 3
         logps, mask = model(*pair_rows(ids, labels, micro, len(PAIRS)))
-        loss, metrics = orpo_loss(logps, mask, 0.3, num_chosen_tokens=num_chosen_tokens,
+        loss, metrics = orpo_objective(logps, mask, 0.3, num_chosen_tokens=num_chosen_tokens,
                                   num_pairs=len(PAIRS))
         for total, grad in zip(summed_grads, torch.autograd.grad(loss, params)):
             total += grad
         for name in metrics:
             summed_metrics[name] += metrics[name]
-        mean_of_micro_means += orpo_loss(logps, mask, 0.3)[0].item() / 2  # the naive `loss / k`
+        mean_of_micro_means += orpo_objective(logps, mask, 0.3)[0].item() / 2  # the naive `loss / k`
     for got, want in zip(summed_grads, whole_grads):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
     for name in whole_metrics:
@@ -414,12 +414,12 @@ def test_sft_micro_batches_give_the_whole_batch_gradient_and_loss():
     model = TinyCausalLM().double()
     params = list(model.parameters())
     ids, labels = make_rows([(3, 2), (2, 6), (1, 1), (4, 3)])
-    whole_loss, whole_metrics = sft_loss(*model(ids, labels))
+    whole_loss, whole_metrics = sft_objective(*model(ids, labels))
     whole_grads = torch.autograd.grad(whole_loss, params)
     summed_grads = [torch.zeros_like(p) for p in params]
     summed_loss = 0.0
     for rows in ([0, 1, 2], [3]):
-        loss, metrics = sft_loss(*model(ids[rows], labels[rows]), num_tokens=12)
+        loss, metrics = sft_objective(*model(ids[rows], labels[rows]), num_tokens=12)
         for total, grad in zip(summed_grads, torch.autograd.grad(loss, params)):
             total += grad
         summed_loss += metrics["sft_loss"]
@@ -436,7 +436,7 @@ def test_one_concatenated_forward_equals_two_separate_forwards():
     params = list(model.parameters())
     pairs = [((3, 2), (3, 6)), ((2, 3), (2, 5))]
     ids, labels = pair_batch(pairs)  # (4, 9)
-    loss, metrics = orpo_loss(*model(ids, labels), orpo_lambda=0.3)
+    loss, metrics = orpo_objective(*model(ids, labels), orpo_lambda=0.3)
     grads = torch.autograd.grad(loss, params)
 
     chosen_width, rejected_width = 5, 9
@@ -461,7 +461,7 @@ def test_one_concatenated_forward_equals_two_separate_forwards():
 def test_row_without_labels_raises_an_error_naming_the_row(function):
     logps, mask = rows_of([-1.0], [-2.0], [-1.5], [-0.5])
     mask[1] = False
-    call = {"orpo_loss": lambda: orpo_loss(logps, mask, 0.1), "sft_loss": lambda: sft_loss(logps, mask),
+    call = {"orpo_loss": lambda: orpo_objective(logps, mask, 0.1), "sft_loss": lambda: sft_objective(logps, mask),
             "sequence_logps": lambda: sequence_logps(logps, mask, "sum")}[function]
     with pytest.raises(ValueError, match=r"row 1 .*no label tokens.*data filter"):
         call()

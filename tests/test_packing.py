@@ -51,11 +51,11 @@ def with_lora(cfg, seed=0):
 def loss_and_grads(model, batch, objective):
     """The step's loss metrics and the LoRA gradients of one forward and backward (train_step's own loss)."""
     model.zero_grad(set_to_none=True)
-    policy = step.Policy(model, chunk_size=7)
+    scorer = step.ResponseLogps(model, chunk_size=7)
     counts = step.batch_counts([batch], objective).tolist()
-    token_logps, mask = policy(**batch)
-    total, metrics = (step.loss.orpo_loss(token_logps, mask, 0.5, "mean", *counts) if objective == "orpo"
-                      else step.loss.sft_loss(token_logps, mask, counts[0]))
+    token_logps, mask = scorer(**batch)
+    total, metrics = (step.loss.orpo_objective(token_logps, mask, 0.5, "mean", *counts) if objective == "orpo"
+                      else step.loss.sft_objective(token_logps, mask, counts[0]))
     total.backward()
     grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad}
     return {name: float(value) for name, value in metrics.items()}, grads, token_logps.detach(), mask
@@ -138,7 +138,7 @@ def test_accumulating_packed_micro_batches_gives_one_padded_batch():
         lora.set_trainable(model, ["all"])
         optimizer = torch.optim.SGD(list(trained.values()), lr=1.0)
         counts = step.batch_counts(micro_batches, "orpo")
-        metrics = step.train_step(step.Policy(model, chunk_size=5), optimizer, micro_batches, "orpo", 0.5)
+        metrics = step.train_step(step.ResponseLogps(model, chunk_size=5), optimizer, micro_batches, "orpo", 0.5)
         results.append((counts, metrics, dict(model.named_parameters())))
     (counts, whole, params), (packed_counts, split, packed_params) = results
     assert torch.equal(counts, packed_counts)  # chosen tokens and pairs, whatever the layout

@@ -14,15 +14,15 @@ SVG = "{http://www.w3.org/2000/svg}"
 def orpo_rows(steps=6):
     """A step-0 row with eval/* only, then train rows, with eval every other row."""
     rows = [{"step": 0, "eval/pref_accuracy": 0.5, "eval/chosen_logps": -30.0, "eval/rejected_logps": -31.0,
-             "eval/log_odds": 0.1}]
+             "eval/log_odds_ratio": 0.1}]
     for step in range(5, 5 * steps + 1, 5):
         row = {"step": step, "train/total_loss": 3.0 - 0.1 * step, "train/sft_loss": 2.5 - 0.05 * step,
-               "train/orpo_loss": 0.7 - 0.01 * step, "train/log_odds": 0.02 * step ** 1.5,
+               "train/orpo_loss": 0.7 - 0.01 * step, "train/log_odds_ratio": 0.02 * step ** 1.5,
                "train/pref_accuracy": 0.5 + 0.01 * step, "train/chosen_logps": -20.0 + step,
                "train/rejected_logps": -21.0 - step}
         if step % 10 == 0:
             row.update({"eval/pref_accuracy": 0.5 + 0.015 * step, "eval/chosen_logps": -30.0 + 0.3 * step,
-                        "eval/rejected_logps": -31.0 - 0.2 * step ** 1.2, "eval/log_odds": 0.05 * step})
+                        "eval/rejected_logps": -31.0 - 0.2 * step ** 1.2, "eval/log_odds_ratio": 0.05 * step})
         rows.append(row)
     return rows
 
@@ -161,3 +161,11 @@ def test_a_wrong_argument_is_one_line(capsys):
     with pytest.raises(SystemExit) as e:
         plot.main(["--nonsense"])
     assert "--help" in str(e.value.code) and "\n" not in str(e.value.code) and capsys.readouterr().err == ""
+
+
+def test_a_metrics_file_from_before_the_rename_plots_its_log_odds_ratio(tmp_path):
+    """Older runs logged the log odds ratio as train/log_odds and eval/log_odds: read as the new names."""
+    old = [{("train/log_odds" if k == "train/log_odds_ratio" else "eval/log_odds" if k == "eval/log_odds_ratio"
+             else k): v for k, v in row.items()} for row in orpo_rows()]
+    assert plot.read_metrics(plot.metrics_file(write_run(str(tmp_path / "old"), old))) == \
+        plot.read_metrics(plot.metrics_file(write_run(str(tmp_path / "new"), orpo_rows())))

@@ -50,7 +50,7 @@ def test_accumulated_step_gives_the_metrics_and_weights_of_one_big_batch(objecti
         model, trained, _ = make()
         # SGD with lr 1: the update is the gradient itself (AdamW's g/sqrt(v) would amplify rounding noise)
         optimizer = torch.optim.SGD(list(trained.values()), lr=1.0)
-        metrics = step.train_step(step.Policy(model, chunk_size=5), optimizer, micro_batches, objective,
+        metrics = step.train_step(step.ResponseLogps(model, chunk_size=5), optimizer, micro_batches, objective,
                                   orpo_lambda=0.5)
         results.append((metrics, dict(model.named_parameters())))
     (whole_metrics, whole_params), (split_metrics, split_params) = results
@@ -62,15 +62,15 @@ def test_accumulated_step_gives_the_metrics_and_weights_of_one_big_batch(objecti
 
 def test_guard_skips_a_non_finite_update_leaving_weights_optimizer_state_and_no_gradients():
     model, trained, optimizer = make()
-    policy = step.Policy(model)
+    scorer = step.ResponseLogps(model)
     micro_batches = [batches.collate(examples(), pad_id=0)]
-    step.train_step(policy, optimizer, micro_batches, "orpo", 0.5)  # a normal step first, so AdamW has state
+    step.train_step(scorer, optimizer, micro_batches, "orpo", 0.5)  # a normal step first, so AdamW has state
     with torch.no_grad():
         model.model.layers[0].mlp.up_proj.weight[0, 0] = float("nan")  # inject a non-finite forward
     before = {name: param.detach().clone() for name, param in trained.items()}
     head_state = optimizer.state[trained["lm_head.weight"]]
     head_state_before = {key: value.clone() for key, value in head_state.items()}
-    metrics = step.train_step(policy, optimizer, micro_batches, "orpo", 0.5)
+    metrics = step.train_step(scorer, optimizer, micro_batches, "orpo", 0.5)
     assert metrics["skipped"] == 1.0
     assert not math.isfinite(metrics["grad_norm"])
     for name, param in trained.items():
@@ -86,7 +86,7 @@ def test_max_grad_norm_clips_the_update_and_reports_the_norm_before_clipping():
         model, trained, _ = make()
         before = {name: param.detach().clone() for name, param in trained.items()}
         optimizer = torch.optim.SGD(list(trained.values()), lr=1.0)  # the update is the gradient
-        metrics = step.train_step(step.Policy(model), optimizer, [batches.collate(examples(), 0)], "orpo", 0.5,
+        metrics = step.train_step(step.ResponseLogps(model), optimizer, [batches.collate(examples(), 0)], "orpo", 0.5,
                                   max_grad_norm=max_grad_norm)
         update = torch.cat([(before[name] - param.detach()).flatten() for name, param in trained.items()])
         norms.append((metrics["grad_norm"], update.norm().item()))
@@ -99,9 +99,9 @@ def test_max_grad_norm_clips_the_update_and_reports_the_norm_before_clipping():
 def test_evaluate_gives_the_same_metrics_for_the_set_in_one_batch_or_two():
     model, _, _ = make()
     pairs = examples()
-    policy = step.Policy(model)
-    one = step.evaluate(policy, [batches.collate(pairs, 0)], "orpo", 0.5)
-    two = step.evaluate(policy, [batches.collate(pairs[:2], 0), batches.collate(pairs[2:], 0)], "orpo", 0.5)
+    scorer = step.ResponseLogps(model)
+    one = step.evaluate(scorer, [batches.collate(pairs, 0)], "orpo", 0.5)
+    two = step.evaluate(scorer, [batches.collate(pairs[:2], 0), batches.collate(pairs[2:], 0)], "orpo", 0.5)
     assert set(one) >= {"sft_loss", "orpo_loss", "total_loss", "pref_accuracy", "chosen_logps", "rejected_logps"}
     for name in one:
         assert one[name] == pytest.approx(two[name], rel=1e-5, abs=1e-6), name
@@ -114,17 +114,17 @@ def test_state_round_trip_continues_identically(tmp_path):
     micro_batches = [batches.collate(examples(), pad_id=0)]
     model, trained, optimizer = make(groups=("lora", "norm"))
     names = list(trained)
-    policy = step.Policy(model)
-    step.train_step(policy, optimizer, micro_batches, "orpo", 0.5)
+    scorer = step.ResponseLogps(model)
+    step.train_step(scorer, optimizer, micro_batches, "orpo", 0.5)
     state.save(str(tmp_path / "ckpt"), model, optimizer, names, {**SETTINGS, "step": 1, "epoch": 0, "position": 1, "skipped": 0})
-    step.train_step(policy, optimizer, micro_batches, "orpo", 0.5)
+    step.train_step(scorer, optimizer, micro_batches, "orpo", 0.5)
     expected = {name: param.detach().clone() for name, param in trained.items()}
 
     fresh, fresh_trained, fresh_optimizer = make(groups=("lora", "norm"), seed=0)
     meta = state.load(str(tmp_path / "ckpt"), fresh, fresh_optimizer, names, SETTINGS)
     assert meta["step"] == 1
     assert meta["position"] == 1
-    step.train_step(step.Policy(fresh), fresh_optimizer, micro_batches, "orpo", 0.5)
+    step.train_step(step.ResponseLogps(fresh), fresh_optimizer, micro_batches, "orpo", 0.5)
     for name, param in fresh_trained.items():
         assert torch.equal(param, expected[name]), name
     files = sorted(p.name for p in (tmp_path / "ckpt").iterdir())

@@ -39,7 +39,7 @@ def test_orpo_run_lowers_loss_and_writes_outputs(orpo_run):
     assert start["step"] == 0 and "eval/rejected_logps" in start and "train/total_loss" not in start
     assert [r["step"] for r in rows] == [5, 10, 15, 20, 25, 30, 35, 40]
     assert rows[-1]["train/total_loss"] < 0.6 * rows[0]["train/total_loss"]
-    for key in ("train/sft_loss", "train/orpo_loss", "train/log_odds", "train/pref_accuracy", "train/chosen_logps",
+    for key in ("train/sft_loss", "train/orpo_loss", "train/log_odds_ratio", "train/pref_accuracy", "train/chosen_logps",
                 "train/rejected_logps", "train/lr", "train/grad_norm", "train/tokens_per_s"):
         assert key in rows[0], key
     assert {"eval/pref_accuracy", "eval/rejected_logps", "eval/total_loss"} <= set(rows[-1])
