@@ -239,7 +239,7 @@ while it < train_cfg["max_steps"]:
     metrics = step.train_step(scorer=train_scorer, optimizer=optimizer, micro_batches=micro_batches,
                               objective=objective, orpo_lambda=train_cfg["orpo_lambda"],
                               reduction=cfg["loss"]["logp_reduction"], max_grad_norm=train_cfg["max_grad_norm"],
-                              autocast=autocast, device=device)
+                              autocast=autocast, device=device, sync=distributed.grad_sync(train_scorer))
     it += 1
     if metrics["skipped"]:  # the guard: no update was made; stop if it keeps happening
         skipped, bad_in_row = skipped + 1, bad_in_row + 1

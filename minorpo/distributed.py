@@ -13,6 +13,7 @@ Decisions:
 - bf16 runs gather weights in bf16 and reduce gradients in fp32 (MixedPrecisionPolicy); fp32 runs stay fp32.
 - Evaluation and samples run on every rank under FSDP: a layer gathers its weights from all the ranks.
 """
+import contextlib
 import datetime
 import os
 
@@ -110,3 +111,11 @@ def gather_model(model, master, build):
     plain = build()
     plain.load_state_dict(full)
     return plain
+
+
+def grad_sync(scorer):
+    """step.train_step's sync(last): DDP all-reduces the gradients in every backward unless told not to; with
+    accumulation, once is enough (in the last micro-batch's backward), as the sum is the same."""
+    def sync(last):
+        return contextlib.nullcontext() if last or not hasattr(scorer, "no_sync") else scorer.no_sync()
+    return sync

@@ -65,20 +65,20 @@ def batch_counts(micro_batches, objective):
     return torch.tensor([num_tokens, num_pairs], dtype=torch.float64)
 
 
-def train_step(scorer, optimizer, micro_batches, objective, orpo_lambda=None, reduction="mean",
-               max_grad_norm=1.0, autocast=contextlib.nullcontext, device="cpu"):
+def train_step(scorer, optimizer, micro_batches, objective, orpo_lambda=None, reduction="mean", max_grad_norm=1.0,
+               autocast=contextlib.nullcontext, device="cpu", sync=lambda last: contextlib.nullcontext()):
     """Forward and backward over the micro-batches of one optimizer step, clip, guard, AdamW step. Returns the
     whole batch's metrics (floats), `grad_norm`, and `skipped`: 1.0 when a non-finite value dropped the update."""
     num_tokens, num_pairs = all_reduce(batch_counts(micro_batches, objective).to(device)).tolist()
     world_size = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
     sums = {}
     for index, batch in enumerate(micro_batches):
-        last = index == len(micro_batches) - 1  # DDP all-reduces the gradients once, in the last backward
-        with contextlib.nullcontext() if last or not hasattr(scorer, "no_sync") else scorer.no_sync():
+        with sync(last=index == len(micro_batches) - 1):  # DDP: all-reduce in the last backward (distributed.py)
             with autocast():  # forward, then the loss normalised by the whole batch's counts
                 token_logps, mask = scorer(**{name: t.to(device) for name, t in batch.items()})  # (N, T-1) each
-                step_loss, metrics = (loss.orpo_objective(token_logps, mask, orpo_lambda, reduction, num_tokens, num_pairs)
-                                      if objective == "orpo" else loss.sft_objective(token_logps, mask, num_tokens))
+                step_loss, metrics = (
+                    loss.orpo_objective(token_logps, mask, orpo_lambda, reduction, num_tokens, num_pairs)
+                    if objective == "orpo" else loss.sft_objective(token_logps, mask, num_tokens))
             (step_loss * world_size).backward()  # backward: gradients add up over the micro-batches
         sums = {name: sums.get(name, 0.0) + value for name, value in metrics.items()}
     # clip the global gradient norm to max_grad_norm (0: measure it, clip nothing)
