@@ -72,7 +72,7 @@ class ModelConfig:
             raise ValueError(f"head_dim must be even for RoPE, got {self.head_dim}")
 
     @property
-    def rotary_dim(self):  # the channels of a head that RoPE turns: all of them (Qwen3.5 turns a quarter)
+    def rotary_dim(self):  # the channels of a head that RoPE turns: all of them (Qwen3.5's config: a quarter)
         return self.head_dim
 
 
@@ -101,15 +101,13 @@ def rope_tables(head_dim, theta, max_len):
 
 
 def apply_rope(x, cos, sin):
-    """Rotate the channel pairs of the first r channels of x (B, heads, T, d) by their angles; cos, sin:
-    (T, r/2). r = d, but Qwen3.5 turns only a quarter of each head: its other channels pass unrotated."""
-    # RoPE pairs channel i with i + r/2 ("split halves", Hugging Face's code) or with its neighbour
+    """Rotate the channel pairs of x (B, heads, T, d) by their angles; cos, sin: (T, d/2)."""
+    # RoPE pairs channel i with i + d/2 ("split halves", Hugging Face's code) or with its neighbour
     # ("interleaved", RoFormer and Meta's original LLaMA code): one model up to a permutation of the q/k
     # projection rows, but trained weights work only in their own layout, and Qwen's is split halves:
     #   [x1, x2] -> [x1·cos − x2·sin, x2·cos + x1·sin]
-    r = 2 * cos.size(-1)
-    x1, x2 = x[..., :r].chunk(2, dim=-1)  # (B, heads, T, r/2) each
-    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin, x[..., r:]), dim=-1)
+    x1, x2 = x.chunk(2, dim=-1)  # (B, heads, T, d/2) each
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
 
 
 def causal_attention(q, k, v, cache=None, layer_idx=0, attn_mask=None):
@@ -127,33 +125,28 @@ def causal_attention(q, k, v, cache=None, layer_idx=0, attn_mask=None):
 
 
 class Attention(nn.Module):
-    norm_class, gated = RMSNorm, False  # Qwen3.5's GatedAttention: (1 + w) q/k norms and an output gate
-
     def __init__(self, cfg, layer_idx):
         super().__init__()
         self.layer_idx = layer_idx
         self.n_head, self.n_kv_head, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         bias = cfg.attention_bias
-        self.q_proj = nn.Linear(cfg.hidden_size, self.n_head * self.head_dim * (2 if self.gated else 1), bias=bias)
+        self.q_proj = nn.Linear(cfg.hidden_size, self.n_head * self.head_dim, bias=bias)
         self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv_head * self.head_dim, bias=bias)
         self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv_head * self.head_dim, bias=bias)
         # Qwen2: a bias on q/k/v only, no q/k norms (nn.Identity has no parameters: no q_norm/k_norm keys)
         self.o_proj = nn.Linear(self.n_head * self.head_dim, cfg.hidden_size, bias=bias and cfg.model_type != "qwen2")
-        norm = nn.Identity if cfg.model_type == "qwen2" else self.norm_class
+        norm = nn.Identity if cfg.model_type == "qwen2" else RMSNorm
         self.q_norm = norm(self.head_dim, cfg.rms_norm_eps)
         self.k_norm = norm(self.head_dim, cfg.rms_norm_eps)
 
     def forward(self, x, cos, sin, cache=None, attn_mask=None):
         B, T, _ = x.shape
         nh, nkv, hd = self.n_head, self.n_kv_head, self.head_dim
-        q = self.q_proj(x).view(B, T, nh, -1)  # (B, T, nh, hd); gated: (B, T, nh, 2 · hd), each head's query, gate
-        q, gate = self.q_norm(q[..., :hd]).transpose(1, 2), q[..., hd:]  # (B, nh, T, hd), (B, T, nh, hd or 0)
+        q = self.q_norm(self.q_proj(x).view(B, T, nh, hd)).transpose(1, 2)  # (B, nh, T, hd)
         k = self.k_norm(self.k_proj(x).view(B, T, nkv, hd)).transpose(1, 2)  # (B, nkv, T, hd)
         v = self.v_proj(x).view(B, T, nkv, hd).transpose(1, 2)  # (B, nkv, T, hd)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         y = causal_attention(q, k, v, cache, self.layer_idx, attn_mask).transpose(1, 2)  # (B, T, nh, hd)
-        if self.gated:  # each channel of each head scaled by sigmoid of its gate, σ(gate) ∈ (0, 1)
-            y = y * torch.sigmoid(gate)
         return self.o_proj(y.reshape(B, T, nh * hd))  # (B, T, H)
 
 
@@ -260,7 +253,7 @@ class Qwen(nn.Module):
             raise ValueError(f"{start + T} positions exceed max_position_embeddings ({self.rope_cos.size(0)})")
         positions = slice(start, start + T) if position_ids is None else position_ids[:, None]  # packed: (B, 1, T)
         cos, sin = self.rope_cos[positions], self.rope_sin[positions]  # (T, rotary_dim / 2) or (B, 1, T, ...)
-        args = (cos, sin, cache) if attn_mask is None else (cos, sin, cache, attn_mask)  # hybrid layers take no mask
+        args = (cos, sin, cache, attn_mask)
         recompute = self.gradient_checkpointing and self.training and cache is None  # in backward, layer by layer
         x = self.model.embed_tokens(input_ids)  # (B, T, H)
         for layer in self.model.layers:

@@ -24,7 +24,8 @@ Decisions:
   these under `model.language_model.*` next to `model.visual.*` and `mtp.*` (multi-token prediction);
   checkpoint.py strips the prefix and skips the parts minorpo does not use, and saves text-only.
 - Qwen35 subclasses Qwen, swapping only its layers, final norm and cache, so train.py uses either model
-  unchanged; its config, attention and cache extend model.py's too. DeltaNet layers ignore cos and sin.
+  unchanged; its config and cache extend model.py's, and its attention reuses model.py's RoPE and attention
+  functions, so model.py holds the dense model alone. DeltaNet layers ignore cos and sin.
 - The cache holds what each layer needs to continue: keys and values for the attention layers; the last
   K − 1 convolution inputs and the fp32 recurrent state S for the DeltaNet layers, which store them on
   their first call. Their memory is constant in the sequence length: why three of four layers are DeltaNet.
@@ -35,7 +36,7 @@ import torch
 import torch.nn as nn
 
 from minorpo.deltanet import GatedDeltaNet
-from minorpo.model import MLP, Attention, KVCache, ModelConfig, Qwen, RMSNorm
+from minorpo.model import MLP, KVCache, ModelConfig, Qwen, RMSNorm, apply_rope, causal_attention
 
 LAYER_TYPES = ("linear_attention", "full_attention")
 
@@ -92,9 +93,38 @@ class CenteredRMSNorm(RMSNorm):
         return (self.normalize(x) * (1.0 + self.weight.float())).to(x.dtype)
 
 
-class GatedAttention(Attention):
-    """Attention (model.py) with (1 + w) q/k norms and an output gate; the RoPE tables turn a quarter."""
-    norm_class, gated = CenteredRMSNorm, True
+def apply_partial_rope(x, cos, sin):
+    """RoPE (model.py) on the first r = 2 · cos.size(-1) channels of each head of x; the others pass unrotated."""
+    r = 2 * cos.size(-1)
+    return torch.cat((apply_rope(x[..., :r], cos, sin), x[..., r:]), dim=-1)
+
+
+class GatedAttention(nn.Module):
+    """Attention (model.py) with (1 + w) q/k norms, partial RoPE and an output gate: q_proj gives each head a
+    query and a gate (per head, query first), and each output channel is scaled by sigmoid(gate) ∈ (0, 1)."""
+
+    def __init__(self, cfg, layer_idx):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_head, self.n_kv_head, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        bias = cfg.attention_bias
+        self.q_proj = nn.Linear(cfg.hidden_size, self.n_head * self.head_dim * 2, bias=bias)  # query and gate
+        self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv_head * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv_head * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.n_head * self.head_dim, cfg.hidden_size, bias=bias)
+        self.q_norm = CenteredRMSNorm(self.head_dim, cfg.rms_norm_eps)
+        self.k_norm = CenteredRMSNorm(self.head_dim, cfg.rms_norm_eps)
+
+    def forward(self, x, cos, sin, cache=None):
+        B, T, _ = x.shape
+        nh, nkv, hd = self.n_head, self.n_kv_head, self.head_dim
+        q, gate = self.q_proj(x).view(B, T, nh, 2 * hd).chunk(2, dim=-1)  # (B, T, nh, hd) each
+        q = self.q_norm(q).transpose(1, 2)  # (B, nh, T, hd)
+        k = self.k_norm(self.k_proj(x).view(B, T, nkv, hd)).transpose(1, 2)  # (B, nkv, T, hd)
+        v = self.v_proj(x).view(B, T, nkv, hd).transpose(1, 2)  # (B, nkv, T, hd)
+        q, k = apply_partial_rope(q, cos, sin), apply_partial_rope(k, cos, sin)
+        y = causal_attention(q, k, v, cache, self.layer_idx).transpose(1, 2)  # (B, T, nh, hd)
+        return self.o_proj((y * torch.sigmoid(gate)).reshape(B, T, nh * hd))  # (B, T, H)
 
 
 class HybridDecoderLayer(nn.Module):
@@ -109,7 +139,7 @@ class HybridDecoderLayer(nn.Module):
         self.input_layernorm = CenteredRMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = CenteredRMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x, cos, sin, cache=None):
+    def forward(self, x, cos, sin, cache=None, attn_mask=None):  # attn_mask is always None: packs is False
         h = self.input_layernorm(x)  # pre-norm residual blocks
         if self.layer_type == "linear_attention":  # fixed per layer: compiles without a graph break
             x = x + self.linear_attn(h, cache)
