@@ -17,7 +17,6 @@ Decisions:
   is a function of (seed, epoch) alone: a resumed run continues at (epoch, batch index) exactly.
 """
 import itertools
-import json
 import random
 import sys
 
@@ -42,7 +41,7 @@ def first_trained(labels):
 
 def segments(example):
     """(prompt (ids, labels), [answer (ids, labels)]) of an example: the prompt is every position before
-    the first trained token of any row (example_problem checks that the rows share it)."""
+    the first trained token of any row (formats.example_problem checks that the rows share it)."""
     rows = rows_of(example)
     start = min(first_trained(labels) for _, labels in rows)
     return (rows[0][0][:start], rows[0][1][:start]), [(ids[start:], labels[start:]) for ids, labels in rows]
@@ -51,32 +50,6 @@ def segments(example):
 def prompt_of(example):
     """The prompt ids of an example, which generation continues."""
     return segments(example)[0][0]
-
-
-def example_problem(example, keys, vocab_size):
-    """What is wrong with an example (None if nothing). keys: its (input_ids, labels) key pairs; each must
-    be a non-empty list of ints of one length, ids in the vocabulary, labels IGNORE_INDEX or the id."""
-    for ids_key, labels_key in zip(keys[0::2], keys[1::2]):
-        for key in (ids_key, labels_key):
-            if key not in example:
-                return f'missing field "{key}"'
-            value = example[key]
-            if not isinstance(value, list) or not value or not all(type(v) is int for v in value):
-                return f'field "{key}" must be a non-empty list of integers, got {json.dumps(value)[:60]}'
-        ids, labels = example[ids_key], example[labels_key]
-        if len(ids) != len(labels):
-            return f'"{ids_key}" has {len(ids)} ids but "{labels_key}" has {len(labels)} labels'
-        if (t := next((t for t, i in enumerate(ids) if not 0 <= i < vocab_size), None)) is not None:
-            return (f'"{ids_key}"[{t}] = {ids[t]} is outside the vocabulary (0 to {vocab_size - 1}); '
-                    "was it tokenized with another tokenizer?")
-        t = next((t for t, (i, label) in enumerate(zip(ids, labels)) if label not in (i, IGNORE_INDEX)), None)
-        if t is not None:
-            return f'"{labels_key}"[{t}] = {labels[t]} must be {IGNORE_INDEX} or the id at that position ({ids[t]})'
-    start = min(first_trained(example[key]) for key in keys[1::2])
-    if any(example[key][:start] != example[keys[0]][:start] for key in keys[0::2]):
-        return (f"chosen and rejected must start with the same prompt ids (the positions labelled "
-                f"{IGNORE_INDEX} before the first trained token)")
-    return None
 
 
 def truncate(prompt, answers, max_length, max_prompt_length):
