@@ -1,9 +1,10 @@
 """The one training script: python train.py presets/orpo.yml [key=value ...]    (--help lists the keys)
 
-Read top to bottom: config -> run folder -> device and precision -> tokenizer and data -> model (+ LoRA)
--> AdamW -> learning-rate schedule -> the loop (forward, loss, backward, clip, step; logging, evaluation,
-checkpoints) -> final/ -> optional extras. training.type sft trains on the chosen answers only; orpo adds
-lambda * L_OR (Hong, Lee, Thorne 2024, arXiv:2403.07691, Eq. 6): the maths is in minorpo/loss.py.
+Read top to bottom: config -> processes, device and precision -> run folder, tokenizer and data -> model
+(+ LoRA) -> AdamW -> learning-rate schedule -> batches -> the loop (batch, forward, loss, backward, clip,
+step; log, evaluate, save) -> final/ -> optional extras. training.type sft trains on the chosen answers
+only; orpo adds lambda * L_OR (Hong, Lee, Thorne 2024, arXiv:2403.07691, Eq. 6): the maths is in
+minorpo/loss.py. The run folder, resume, the guard, checkpoints and Ctrl-C are minorpo/runkeeping.py's.
 
 Data parallel: torchrun --nproc_per_node=N train.py presets/orpo.yml ...   (training.fsdp=true: sharded)
 pairs per optimizer step = training.batch_size x training.grad_accum_steps x N.
@@ -17,10 +18,9 @@ import warnings
 
 warnings.filterwarnings("ignore", message="Failed to initialize NumPy")  # torch's note; minorpo needs no NumPy
 import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
 
-from minorpo import (batches, checkpoint, config, data, distributed, files, lora, loss, packing, plot,  # noqa: E402
-                     runs, state, step, tiny)
+from minorpo import (batches, checkpoint, config, data, distributed, formats, lora, loss,  # noqa: E402
+                     packing, plot, runkeeping, runs, step)
 
 # -----------------------------------------------------------------------------
 # 1. config: a preset plus key=value overrides. A mistake in anything the user gives ends in one line.
@@ -30,14 +30,13 @@ if {"-h", "--help"} & set(sys.argv[1:]):
 cfg = config.load(*config.parse_args(sys.argv[1:]))
 train_cfg, data_cfg, lora_cfg, sample_cfg = cfg["training"], cfg["data"], cfg["lora"], cfg["sample"]
 objective = train_cfg["type"]  # sft | orpo
-run_dir = os.path.join(cfg["output_dir"], cfg["run_name"])
 
 # 2. processes, device, threads and precision, decided once
 on_cuda = cfg["device"] == "cuda" or (cfg["device"] == "auto" and torch.cuda.is_available())
 if on_cuda and not torch.cuda.is_available():
     raise config.ConfigError("device=cuda but torch sees no CUDA GPU; use device=auto or device=cpu")
 fsdp = train_cfg["fsdp"]  # shard the model over the ranks (FSDP2) instead of copying it to each (DDP)
-launched, rank, world, device = distributed.setup(fsdp, on_cuda)  # launched by torchrun: a process group
+launched, rank, world, device = distributed.setup(fsdp, on_cuda)  # under torchrun: join its process group
 master = rank == 0  # only rank 0 logs and writes files
 model_ranks = master or fsdp  # who runs evaluation and samples: under FSDP every rank holds part of the model
 log = (lambda *args, **kwargs: print(*args, **kwargs, flush=True)) if master else (lambda *args, **kwargs: None)
@@ -51,25 +50,20 @@ torch.manual_seed(cfg["seed"])  # the loop reseeds every step from (seed, step, 
 bf16 = cfg["precision"] == "bf16" or (cfg["precision"] == "auto" and on_cuda)
 base_dtype = torch.bfloat16 if bf16 else torch.float32
 ever_trained = sorted({g for phase in train_cfg["phases"] for g in phase["trainable"]})
-load_dtype = torch.float32 if "all" in ever_trained else base_dtype  # full fine-tuning: fp32 masters from disk
-autocast = (lambda: torch.autocast(device.split(":")[0], dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
+load_dtype = torch.float32 if "all" in ever_trained else base_dtype  # full fine-tuning: fp32 masters
+
+
+def autocast():  # bf16: the matmuls in bf16 (torch.autocast); fp32: nothing to do
+    return torch.autocast(device.split(":")[0], dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+
+
 log(f"[config]\n{config.dump(cfg)}[device] {device}, {'bf16' if bf16 else 'fp32'}, {threads} CPU threads, "
     f"{world} process{'es' if world > 1 else ''}")
 if cfg["loss"]["logp_reduction"] == "sum" and objective == "orpo":
     log(f"[warning] {loss.LOGP_SUM_WARNING}")
 
-# 3. the run folder (never reused for a new run: minorpo/runs.py), tokenizer and data
-model_dir = (tiny.ensure_model(os.path.join(cfg["output_dir"], "tiny-model"), build=master)  # the embedded demo
-             if cfg["model_name"] == "tiny" else checkpoint.resolve(cfg["model_name"]))  # model, or a checkpoint
-data_path = data_cfg["path"]
-if data_path == "tiny":  # the embedded synthetic preference pairs
-    data_path = tiny.ensure_pairs(os.path.join(cfg["output_dir"], "tiny-data", "pairs.jsonl"), build=master)
-data_paths = [data_path] + ([data_cfg["eval_path"]] if data_cfg["eval_path"] else [])
-if master:
-    runs.check_run_folder(run_dir, train_cfg["resume_from"], model_dir, data_paths)
-    for line in runs.recover(run_dir):
-        log(line)
-dist.barrier() if launched else None  # rank 0 has written the tiny model and data, and checked the run folder
+# 3. the run folder (checked, never reused for a new run), tokenizer and data
+run_dir, model_dir, data_path, data_paths = runkeeping.prepare(cfg, master, launched, log)
 tokenizer = data.load_tokenizer(model_dir)
 rows = data.read_jsonl(data_path, max_length=data_cfg["max_length"])
 if data_cfg["eval_path"]:
@@ -78,17 +72,17 @@ else:  # split the rows, not the examples, so the held-out set does not depend o
     train_rows, eval_rows = batches.split_examples(rows, data_cfg["eval_fraction"], cfg["seed"])
 preprocess = dict(fmt=data_cfg["format"], template=data_cfg["template"], max_length=data_cfg["max_length"],
                   max_prompt_length=data_cfg["max_prompt_length"])
-train_set, filter_lines = data.make_examples(train_rows, tokenizer, data_cfg["task"], source=data_path, **preprocess)
-# An SFT run on preference rows still evaluates the pairs, to watch the rejected answers (paper, Fig. 7).
-pairs = any(k in next((row for _, row in eval_rows if row), {}) for k in ("rejected", "rejected_input_ids"))
-eval_task = "prompted_preference" if data_cfg["task"] == "sft" and pairs else data_cfg["task"]
-eval_set, eval_filter_lines = data.make_examples(
-    eval_rows, tokenizer, eval_task, source=data_cfg["eval_path"] or f"{data_path} (held out)", **preprocess
-) if eval_rows else ([], [])
+train_set, filter_lines = data.make_examples(train_rows, tokenizer, data_cfg["task"], source=data_path,
+                                             **preprocess)
+eval_task = formats.eval_task(data_cfg["task"], eval_rows)  # an SFT run still scores held-out pairs
+eval_source = data_cfg["eval_path"] or f"{data_path} (held out)"
+eval_set, eval_filter_lines = data.make_examples(eval_rows, tokenizer, eval_task, source=eval_source,
+                                                 **preprocess) if eval_rows else ([], [])
 stop_ids, pad_id = data.stop_and_pad_ids(tokenizer, data_cfg["template"])
 for line in filter_lines + eval_filter_lines:
     log(line)
 log(batches.show_example(train_set[0], tokenizer))
+
 
 # 4. model: the base weights strictly, then LoRA wrappers if a phase trains a LoRA group
 def build_model(device):
@@ -99,25 +93,21 @@ def build_model(device):
                          targets=lora_cfg["targets"] if "lora" in ever_trained else [],
                          attn_targets=lora_cfg["attn_targets"] if "attn_lora" in ever_trained else [],
                          start_layer=lora_cfg["start_layer"], num_layers=lora_cfg["num_layers"])
-    lora.fp32_trained_parameters(model, ever_trained)  # what AdamW holds, whichever phase is active (fp32)
+    lora.fp32_trained_parameters(model, ever_trained)  # what AdamW holds, whichever phase is active
     return model
 
 
 model = build_model(device)
 checkpoint.check_fits(model, tokenizer, model_dir, data_cfg["max_length"], sample_cfg["max_new_tokens"])
-context = model.config.max_position_embeddings
 trained = lora.trained_parameters(model, ever_trained)
 model.gradient_checkpointing = train_cfg["gradient_checkpointing"]
 if train_cfg["compile"] == "on" or (train_cfg["compile"] == "auto" and on_cuda):
     for layer in model.model.layers:  # per layer: small graphs, one compile reused 28 times
         layer.compile()
-scorer = step.ResponseLogps(model, cfg["loss"]["head_chunk_size"])
-train_scorer = scorer
-if fsdp:  # the sharded parameters are new objects: AdamW must hold those
-    trained = {n: p for n, p in distributed.shard(model, bf16).items() if n in trained}
-elif launched:  # DDP registers the parameters that require grad at wrap time: every one any phase trains
-    lora.set_trainable(model, ever_trained)
-    train_scorer = distributed.wrap_ddp(scorer, device, on_cuda, find_unused=len(train_cfg["phases"]) > 1)
+scorer = step.ResponseLogps(model, cfg["loss"]["head_chunk_size"])  # the model + the response-only head
+# several processes: DDP wraps the scorer, FSDP shards the model (AdamW must then hold the shards)
+train_scorer, trained = distributed.parallel(scorer, trained, ever_trained, train_cfg, launched, bf16, device)
+sync = distributed.grad_sync(train_scorer)  # DDP: all-reduce the gradients in a step's last backward only
 
 # 5. AdamW: weight decay on matrices only, never on norms and biases; fused kernels on CUDA
 names = list(trained)
@@ -128,35 +118,28 @@ distributed.log_memory_once(model, optimizer, rank, world)
 # 6. learning rate: linear warmup, then cosine decay to learning_rate * min_lr_ratio
 def get_lr(it):
     peak, floor = train_cfg["learning_rate"], train_cfg["learning_rate"] * train_cfg["min_lr_ratio"]
-    if it < train_cfg["warmup_steps"]:  # 1) linear warmup
-        return peak * (it + 1) / train_cfg["warmup_steps"]
-    progress = (it - train_cfg["warmup_steps"]) / max(1, train_cfg["max_steps"] - train_cfg["warmup_steps"])
-    return floor + 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0))) * (peak - floor)  # 2) cosine, 0 -> 1
+    warmup, max_steps = train_cfg["warmup_steps"], train_cfg["max_steps"]
+    if it < warmup:  # 1) linear warmup
+        return peak * (it + 1) / warmup
+    progress = (it - warmup) / max(1, max_steps - warmup)  # 2) cosine, 0 -> 1
+    return floor + 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0))) * (peak - floor)
 
 
 # 7. batches: a global micro-batch holds batch_size * world pairs; each rank collates its own slice
-if not model.packs:  # the Qwen3.5 hybrid's DeltaNet state cannot skip the chosen answer: it pads (packing.py)
+if not model.packs:  # the Qwen3.5 hybrid's DeltaNet state cannot skip the chosen answer: it pads
     data_cfg["layout"] = "padded"  # and config.yml records the layout used
-collate = packing.collate_for(data_cfg["layout"], pad_id, data_cfg["max_length"])  # a list of examples -> a batch
-lengths = [batches.example_length(ex) for ex in train_set]  # a pair's longer row: sets the padded length
+collate = packing.collate_for(data_cfg["layout"], pad_id, data_cfg["max_length"])  # examples -> a batch
+lengths = [batches.example_length(ex) for ex in train_set]  # a pair's longer row: its padded length
 real_tokens = [sum(len(ids) for ids, _ in batches.rows_of(ex)) for ex in train_set]  # all its rows
-eval_batches = [collate(eval_set[i:i + train_cfg["batch_size"]])
-                for i in range(0, len(eval_set), train_cfg["batch_size"])]
+batch_size, accum = train_cfg["batch_size"], train_cfg["grad_accum_steps"]
+eval_batches = [collate(eval_set[i:i + batch_size]) for i in range(0, len(eval_set), batch_size)]
+sample_prompts = ([data.prompt_ids(tokenizer, p, data_cfg["template"]) for p in sample_cfg["prompts"]]
+                  or [batches.prompt_of(ex) for ex in eval_set[:3]])  # what show_samples answers
 
 
-def show_samples(title):
-    prompts = [data.prompt_ids(tokenizer, p, data_cfg["template"]) for p in sample_cfg["prompts"]] or \
-              [batches.prompt_of(ex) for ex in eval_set[:3]]
-    log(f"[sample] {title}")
-    model.eval()
-    room = context - sample_cfg["max_new_tokens"]  # keep the prompt's end
-    for ids in prompts:
-        with autocast():  # trained weights (fp32) and frozen ones (bf16) meet here
-            new = model.generate(ids[-room:], sample_cfg["max_new_tokens"], stop_ids=stop_ids,
-                                 temperature=sample_cfg["temperature"], top_p=sample_cfg["top_p"],
-                                 generator=torch.Generator().manual_seed(0))
-        log(f"  {tokenizer.decode(ids)!r} -> {tokenizer.decode(new)!r}")
-    model.train()
+def batch_order(epoch):  # the global micro-batches of an epoch, a function of (seed, epoch): batches.py
+    return batches.batch_order(lengths, batch_size * world, cfg["seed"], epoch, data_cfg["group_by_length"],
+                               ranks=world)
 
 
 def run_eval():  # pairs are scored as ORPO scores them; an SFT run's total is its SFT loss (lambda 0)
@@ -166,58 +149,33 @@ def run_eval():  # pairs are scored as ORPO scores them; an SFT run's total is i
     return {f"eval/{k}": v for k, v in metrics.items()}
 
 
-def check_finite(what):  # stop before saving a non-finite weight, naming the last good checkpoint
-    bad = distributed.first_nonfinite(trained, launched, device)
-    if bad:
-        sys.exit(f"error: {bad} holds NaN or inf at step {it}; {what} not written. The last good checkpoint is "
-                 f"{last_saved}: resume from it with a lower training.learning_rate")
+def show_samples(title):
+    runkeeping.show_samples(title, model, tokenizer, sample_prompts, sample_cfg, stop_ids, autocast, log)
 
 
-def save_checkpoint(it):
-    """A resumable checkpoint (only finite weights: state.py refuses others), then the oldest ones go.
-    Every rank calls it (FSDP gathers the shards); rank 0 writes."""
-    folder = os.path.join(run_dir, f"step_{it:06d}")
-    state.save(folder, model, optimizer, names, {**fingerprint, "step": it, "epoch": epoch,
-                                                "position": position, "skipped": skipped}, write=master)
-    if master:
-        runs.rotate(run_dir, train_cfg["keep_checkpoints"], protect=train_cfg["resume_from"])
-    log(f"[save] {folder}")
-    return folder
+def save_checkpoint(it):  # every rank calls it (FSDP gathers the shards); only finite weights are saved
+    runkeeping.check_finite(trained, launched, device, it, "no checkpoint was", last_saved)
+    meta = {**fingerprint, "step": it, "epoch": epoch, "position": position, "skipped": skipped}
+    return runkeeping.save_checkpoint(run_dir, model, optimizer, names, meta, train_cfg, master, log)
 
 
-# 8. resume, then the loop
+# 8. resume (or start at step 0), then the loop
 metrics_log = runs.MetricsLog(os.path.join(run_dir, "metrics.jsonl"), objective, enabled=master)
 fingerprint = runs.trajectory(config.flat(cfg), data_paths, checkpoint.weight_files(model_dir), world)
-fingerprint.update({"train examples": len(train_set), "precision": "bf16" if bf16 else "fp32"})  # auto, resolved
-it, epoch, position, skipped, bad_in_row, last_saved = 0, 0, 0, 0, 0, None
-if train_cfg["resume_from"]:
-    meta = state.load(train_cfg["resume_from"], model, optimizer, names, fingerprint)
-    it, epoch, position, skipped = meta["step"], meta["epoch"], meta["position"], meta["skipped"]
-    last_saved = train_cfg["resume_from"]
-    if it >= train_cfg["max_steps"]:
-        raise config.ConfigError(f"{train_cfg['resume_from']} is at step {it} and training.max_steps is "
-                                 f"{train_cfg['max_steps']}: nothing to train; raise training.max_steps")
-    for line in metrics_log.keep_up_to(it):
-        log(line)
-    log(f"[resume] {train_cfg['resume_from']}: continuing at step {it} of {train_cfg['max_steps']}")
-config.save(cfg, run_dir) if master else None  # after the resume checks: config.yml never records a refused setting
+fingerprint.update({"train examples": len(train_set), "precision": "bf16" if bf16 else "fp32"})
+it, epoch, position, skipped = runkeeping.resume(train_cfg, model, optimizer, names, fingerprint, metrics_log, log)
+bad_in_row, last_saved = 0, train_cfg["resume_from"] or None
+config.save(cfg, run_dir) if master else None  # after the resume checks: never records a refused setting
 phase = lora.phase_at(train_cfg["phases"], it)
 n_train, n_total = distributed.set_trainable(model, phase)
-log(f"[model] {model_dir}: training {phase}: {n_train:,} of {n_total:,} parameters ({100 * n_train / n_total:.2f}%)")
-if model_ranks and it == 0 and (eval_set or sample_cfg["prompts"]):
+log(f"[model] {model_dir}: training {phase}: {n_train:,} of {n_total:,} parameters "
+    f"({100 * n_train / n_total:.2f}%)")
+if model_ranks and it == 0 and sample_prompts:
     show_samples("before training")
-if model_ranks and it == 0 and eval_set and train_cfg["eval_every"]:  # the starting point of the eval curves
+if model_ranks and it == 0 and eval_set and train_cfg["eval_every"]:  # the start of the eval curves
     metrics_log.write({"step": 0, **run_eval()})
-def batch_order(epoch):  # the global micro-batches of an epoch (batches.py)
-    return batches.batch_order(lengths, train_cfg["batch_size"] * world, cfg["seed"], epoch,
-                               data_cfg["group_by_length"], ranks=world)
-
-
 order = batch_order(epoch)
-if not order:
-    raise data.DataError(f"{len(train_set)} training examples cannot give each of {world} ranks a pair")
-if position > len(order):  # only a damaged or hand-edited state.json says so
-    raise files.UserError(f"{last_saved}/state.json: position {position} past the {len(order)} batches; {state.FIX}")
+runkeeping.check_order(order, position, len(train_set), world, last_saved)
 stop = runs.CtrlC()  # the first Ctrl-C asks the loop to finish its step, save, and say how to resume
 t_start, start_it = time.time(), it
 while it < train_cfg["max_steps"]:
@@ -225,30 +183,24 @@ while it < train_cfg["max_steps"]:
         phase = lora.phase_at(train_cfg["phases"], it)
         n_train, _ = distributed.set_trainable(model, phase)
         log(f"[phase] step {it}: training {phase}: {n_train:,} of {n_total:,} parameters")
-    if position + train_cfg["grad_accum_steps"] > len(order):  # a new epoch: a new shuffle of the batches
+    if position + accum > len(order):  # a new epoch: a new shuffle of the batches
         epoch, position = epoch + 1, 0
         order = batch_order(epoch)
-    step_idx = order[position:position + train_cfg["grad_accum_steps"]]
-    micro_batches = [collate([train_set[j] for j in idx[rank::world]]) for idx in step_idx]
-    position += train_cfg["grad_accum_steps"]
-    torch.manual_seed(cfg["seed"] * 1_000_003 + it * 1009 + rank)  # dropout masks: a function of (seed, step, rank)
+    step_idx = order[position:position + accum]  # this step's global micro-batches
+    micro_batches = [collate([train_set[j] for j in idx[rank::world]]) for idx in step_idx]  # this rank's
+    position += accum
+    torch.manual_seed(cfg["seed"] * 1_000_003 + it * 1009 + rank)  # dropout: a function of (seed, step, rank)
     lr = get_lr(it)
     for group in optimizer.param_groups:
         group["lr"] = lr
     # one optimizer step: forward (label log-probs) -> loss (loss.py) -> backward -> clip -> guard -> AdamW
-    metrics = step.train_step(scorer=train_scorer, optimizer=optimizer, micro_batches=micro_batches,
-                              objective=objective, orpo_lambda=train_cfg["orpo_lambda"],
+    metrics = step.train_step(train_scorer, optimizer, micro_batches, objective, train_cfg["orpo_lambda"],
                               reduction=cfg["loss"]["logp_reduction"], max_grad_norm=train_cfg["max_grad_norm"],
-                              autocast=autocast, device=device, sync=distributed.grad_sync(train_scorer))
+                              autocast=autocast, device=device, sync=sync)
     it += 1
-    if metrics["skipped"]:  # the guard: no update was made; stop if it keeps happening
-        skipped, bad_in_row = skipped + 1, bad_in_row + 1
-        log(f"[guard] step {it}: non-finite loss or gradient norm ({metrics['grad_norm']}); update skipped")
-        if bad_in_row >= train_cfg["max_bad_steps"]:
-            sys.exit(f"[guard] {bad_in_row} non-finite steps in a row: stopping (last checkpoint: {last_saved}). "
-                     "Lower training.learning_rate or check the data (README: Troubleshooting)")
-    else:  # averaged over the steps since the last log line, with this rank's real (non-pad) tokens
-        bad_in_row = 0
+    skipped, bad_in_row = runkeeping.guard(metrics, it, skipped, bad_in_row, train_cfg["max_bad_steps"],
+                                           last_saved, log)  # a skipped step made no update
+    if not metrics["skipped"]:  # averaged over the steps since the last log line, with real (non-pad) tokens
         metrics_log.add(metrics, tokens=sum(real_tokens[j] for idx in step_idx for j in idx[rank::world]))
     last = it == train_cfg["max_steps"]
     do_eval = bool(eval_set) and (last or (train_cfg["eval_every"] and it % train_cfg["eval_every"] == 0))
@@ -260,41 +212,24 @@ while it < train_cfg["max_steps"]:
             row.update(run_eval())
         metrics_log.write(row, eta=(time.time() - t_start) / (it - start_it) * (train_cfg["max_steps"] - it))
     metrics_log.progress(it, train_cfg["max_steps"], metrics, time.time() - t_start)
-    if launched:  # every rank stops at the same step
-        stop.asked = bool(step.all_reduce(torch.tensor(float(stop.asked), device=device)))
-    if train_cfg["save_every"] and (it % train_cfg["save_every"] == 0 or last) or stop.asked and it > start_it:
-        check_finite("no checkpoint was")
+    stopping = runkeeping.stop_asked(stop, launched, device)  # Ctrl-C, on any rank
+    if train_cfg["save_every"] and (it % train_cfg["save_every"] == 0 or last) or stopping and it > start_it:
         last_saved = save_checkpoint(it)
-    if stop.asked:
-        sys.exit(f"[interrupt] stopped at step {it}. Continue with:\n  {runs.resume_command(sys.argv, last_saved)}"
-                 if last_saved else f"[interrupt] stopped at step {it}; nothing was saved")
+    if stopping:
+        runkeeping.interrupted(it, last_saved)  # exits with the command that continues the run
 
 # 9. final/: the merged model and the adapter alone (PEFT's layout), complete before anything optional runs
-if it == skipped:
-    sys.exit(f"error: every one of the {it} steps was skipped (non-finite loss or gradients): no final/ written. "
-             "Lower training.learning_rate or check the data")
-check_finite("final/ was")
-model = distributed.gather_model(model, master, lambda: build_model(device)) if fsdp else model  # whole, on rank 0
+runkeeping.check_trained(it, skipped)  # a run in which every step was skipped writes no final/
+runkeeping.check_finite(trained, launched, device, it, "final/ was", last_saved)
+if fsdp:  # the whole model, on rank 0
+    model = distributed.gather_model(model, master, lambda: build_model(device))
 if master:
-    final, has_adapter = os.path.join(run_dir, "final"), bool(lora.lora_layers(model))
-    with files.atomic_folder(final) as tmp:
-        if has_adapter:
-            lora.save_adapter(model, os.path.join(tmp, "adapter"), base_model_name=os.path.abspath(model_dir))
-            lora.merge_lora(model)
-        checkpoint.write_model(model, tmp, tokenizer_from=model_dir, dtype=base_dtype)
-        metrics_log.copy_to(tmp, config_path=os.path.join(run_dir, "config.yml"))
-    log(f"[save] {final}: the trained model{' (LoRA merged; the adapter alone in adapter/)' if has_adapter else ''}; "
-        f"chain it with model_name={final}")
-if launched:
-    dist.barrier()  # the other ranks wait for rank 0's final outputs before the group goes away
-    dist.destroy_process_group()
+    runkeeping.write_final(run_dir, model, model_dir, base_dtype, metrics_log, log)
+runkeeping.finish(launched)  # the other ranks wait for rank 0's final/ before the process group goes away
 
 # 10. optional extras: a failure here loses nothing, final/ is complete
 if master:
-    try:
-        if eval_set or sample_cfg["prompts"]:
+    with runkeeping.optional():
+        if sample_prompts:
             show_samples("after training")
         log(f"[plot] {plot.write_svg(metrics_log.path, os.path.join(run_dir, 'metrics.svg'))}")
-    except Exception as e:  # noqa: BLE001 - any failure of an extra is reported, never lost silently
-        sys.exit(f"error: an optional step after training failed ({type(e).__name__}: {e}); "
-                 "final/ is complete and safe")

@@ -119,3 +119,16 @@ def grad_sync(scorer):
     def sync(last):
         return contextlib.nullcontext() if last or not hasattr(scorer, "no_sync") else scorer.no_sync()
     return sync
+
+
+def parallel(scorer, trained, ever_trained, train_cfg, launched, bf16, device):
+    """(train_scorer, trained): what train_step calls and what AdamW holds, for one process or several.
+    FSDP shards the model in place: its parameters are new objects, so AdamW must hold those. DDP registers
+    the parameters that require grad at wrap time: every one that any phase trains."""
+    if train_cfg["fsdp"]:
+        return scorer, {n: p for n, p in shard(scorer.model, bf16).items() if n in trained}
+    if not launched:
+        return scorer, trained
+    lora.set_trainable(scorer.model, ever_trained)
+    on_cuda = device.startswith("cuda")
+    return wrap_ddp(scorer, device, on_cuda, find_unused=len(train_cfg["phases"]) > 1), trained

@@ -201,6 +201,13 @@ def processed(row, task, where, vocab_size):
     return segments(dict(zip(PAIR_KEYS if len(keys) == 4 else SFT_KEYS, (row[key] for key in keys))))
 
 
+def eval_task(task, eval_rows):
+    """The task the held-out rows are scored as: an SFT run on preference rows still evaluates the pairs, to
+    watch the rejected answers (paper, Fig. 7)."""
+    pairs = any(k in next((row for _, row in eval_rows if row), {}) for k in ("rejected", "rejected_input_ids"))
+    return "prompted_preference" if task == "sft" and pairs else task
+
+
 def _note(reason, wheres, settings):
     """'filtered 2 rows with ... (lines 3, 9); raise ...': how many, why, the first line numbers, the fix."""
     n, numbers = len(wheres), [where.rsplit(":", 1)[-1] for where in wheres[:3]] + ["..."] * (len(wheres) > 3)
