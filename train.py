@@ -1,12 +1,13 @@
-"""The one training script: python train.py presets/orpo.yml [key=value ...]    (--help lists the keys)
+"""The one training script: python train.py presets/orpo.yml [key=value ...]   (--help lists the keys)
 
-Read top to bottom: config -> processes, device and precision -> run folder, tokenizer and data -> model
-(+ LoRA) -> AdamW -> learning-rate schedule -> batches -> the loop (batch, forward, loss, backward, clip,
-step; log, evaluate, save) -> final/ -> optional extras. training.type sft trains on the chosen answers
-only; orpo adds lambda * L_OR (Hong, Lee, Thorne 2024, arXiv:2403.07691, Eq. 6): the maths is in
-minorpo/loss.py. The run folder, resume, the guard, checkpoints and Ctrl-C are minorpo/runkeeping.py's.
+Read top to bottom: config -> processes, device and precision -> run folder, tokenizer and data
+-> model (+ LoRA) -> AdamW -> learning-rate schedule -> batches -> the loop (batch, forward, loss,
+backward, clip, step; log, evaluate, save) -> final/ -> optional extras.
+training.type sft trains on the chosen answers only; orpo adds lambda * L_OR (Hong, Lee, Thorne 2024,
+arXiv:2403.07691, Eq. 6): the maths is in minorpo/loss.py. What keeps a run safe (its folder, resume,
+the guard, checkpoints, Ctrl-C, final/) is behind the named calls of minorpo/runkeeping.py.
 
-Data parallel: torchrun --nproc_per_node=N train.py presets/orpo.yml ...   (training.fsdp=true: sharded)
+Data parallel: torchrun --nproc_per_node=N train.py presets/orpo.yml ...  (training.fsdp=true: sharded)
 pairs per optimizer step = training.batch_size x training.grad_accum_steps x N.
 """
 import contextlib
@@ -16,36 +17,43 @@ import sys
 import time
 import warnings
 
-warnings.filterwarnings("ignore", message="Failed to initialize NumPy")  # torch's note; minorpo needs no NumPy
+warnings.filterwarnings("ignore", message="Failed to initialize NumPy")  # minorpo needs no NumPy
 import torch  # noqa: E402
 
-from minorpo import (batches, checkpoint, config, data, distributed, formats, lora, loss,  # noqa: E402
-                     packing, plot, runkeeping, runs, step)
+from minorpo import (batches, checkpoint, config, data, distributed, formats, lora,  # noqa: E402
+                     loss, packing, plot, runkeeping, runs, step)
 
 # -----------------------------------------------------------------------------
-# 1. config: a preset plus key=value overrides. A mistake in anything the user gives ends in one line.
+# 1. config: a preset plus key=value overrides. A mistake in anything given ends in one line.
 sys.excepthook = runs.excepthook
 if {"-h", "--help"} & set(sys.argv[1:]):
     sys.exit(print(config.help_text()))
 cfg = config.load(*config.parse_args(sys.argv[1:]))
 train_cfg, data_cfg, lora_cfg, sample_cfg = cfg["training"], cfg["data"], cfg["lora"], cfg["sample"]
 objective = train_cfg["type"]  # sft | orpo
+max_steps, batch_size, accum = train_cfg["max_steps"], train_cfg["batch_size"], train_cfg["grad_accum_steps"]
 
 # 2. processes, device, threads and precision, decided once
 on_cuda = cfg["device"] == "cuda" or (cfg["device"] == "auto" and torch.cuda.is_available())
 if on_cuda and not torch.cuda.is_available():
     raise config.ConfigError("device=cuda but torch sees no CUDA GPU; use device=auto or device=cpu")
-fsdp = train_cfg["fsdp"]  # shard the model over the ranks (FSDP2) instead of copying it to each (DDP)
-launched, rank, world, device = distributed.setup(fsdp, on_cuda)  # under torchrun: join its process group
+fsdp = train_cfg["fsdp"]  # shard the model over the ranks (FSDP2), or copy it to each (DDP)
+launched, rank, world, device = distributed.setup(fsdp, on_cuda)  # torchrun's process group
 master = rank == 0  # only rank 0 logs and writes files
-model_ranks = master or fsdp  # who runs evaluation and samples: under FSDP every rank holds part of the model
-log = (lambda *args, **kwargs: print(*args, **kwargs, flush=True)) if master else (lambda *args, **kwargs: None)
-# CPU threads: torch's default (one per core) is many times slower when another process shares the cores
+model_ranks = master or fsdp  # who evaluates and samples: under FSDP every rank holds part of the model
+
+
+def log(*args, **kwargs):
+    if master:
+        print(*args, **kwargs, flush=True)
+
+
+# CPU threads: torch's default (one per core) is many times slower when other processes share the cores
 omp = os.environ.get("OMP_NUM_THREADS", "")
 threads = max(1, int(omp) if omp.isdigit() else (os.cpu_count() or 2) // 2 // world)
 torch.set_num_threads(threads)
 torch.manual_seed(cfg["seed"])  # the loop reseeds every step from (seed, step, rank): see state.py
-# bf16: frozen weights bf16, trained weights fp32 (AdamW state too), bf16 autocast. fp32: fp32 throughout.
+# bf16: frozen weights bf16, trained weights fp32 (AdamW state too), bf16 autocast. fp32: fp32 only.
 # The loss maths is fp32 either way (minorpo/loss.py). auto: bf16 on CUDA, fp32 on the CPU.
 bf16 = cfg["precision"] == "bf16" or (cfg["precision"] == "auto" and on_cuda)
 base_dtype = torch.bfloat16 if bf16 else torch.float32
@@ -54,28 +62,31 @@ load_dtype = torch.float32 if "all" in ever_trained else base_dtype  # full fine
 
 
 def autocast():  # bf16: the matmuls in bf16 (torch.autocast); fp32: nothing to do
-    return torch.autocast(device.split(":")[0], dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+    if not bf16:
+        return contextlib.nullcontext()
+    return torch.autocast(device.split(":")[0], dtype=torch.bfloat16)
 
 
-log(f"[config]\n{config.dump(cfg)}[device] {device}, {'bf16' if bf16 else 'fp32'}, {threads} CPU threads, "
-    f"{world} process{'es' if world > 1 else ''}")
+log(f"[config]\n{config.dump(cfg)}[device] {device}, {'bf16' if bf16 else 'fp32'}, "
+    f"{threads} CPU threads, {world} process{'es' if world > 1 else ''}")
 if cfg["loss"]["logp_reduction"] == "sum" and objective == "orpo":
     log(f"[warning] {loss.LOGP_SUM_WARNING}")
 
 # 3. the run folder (checked, never reused for a new run), tokenizer and data
 run_dir, model_dir, data_path, data_paths = runkeeping.prepare(cfg, master, launched, log)
 tokenizer = data.load_tokenizer(model_dir)
-rows = data.read_jsonl(data_path, max_length=data_cfg["max_length"])
-if data_cfg["eval_path"]:
-    train_rows, eval_rows = rows, data.read_jsonl(data_cfg["eval_path"], max_length=data_cfg["max_length"])
+max_length, eval_path = data_cfg["max_length"], data_cfg["eval_path"]
+rows = data.read_jsonl(data_path, max_length=max_length)
+if eval_path:
+    train_rows, eval_rows = rows, data.read_jsonl(eval_path, max_length=max_length)
 else:  # split the rows, not the examples, so the held-out set does not depend on filtering
     train_rows, eval_rows = batches.split_examples(rows, data_cfg["eval_fraction"], cfg["seed"])
-preprocess = dict(fmt=data_cfg["format"], template=data_cfg["template"], max_length=data_cfg["max_length"],
+preprocess = dict(fmt=data_cfg["format"], template=data_cfg["template"], max_length=max_length,
                   max_prompt_length=data_cfg["max_prompt_length"])
 train_set, filter_lines = data.make_examples(train_rows, tokenizer, data_cfg["task"], source=data_path,
                                              **preprocess)
 eval_task = formats.eval_task(data_cfg["task"], eval_rows)  # an SFT run still scores held-out pairs
-eval_source = data_cfg["eval_path"] or f"{data_path} (held out)"
+eval_source = eval_path or f"{data_path} (held out)"
 eval_set, eval_filter_lines = data.make_examples(eval_rows, tokenizer, eval_task, source=eval_source,
                                                  **preprocess) if eval_rows else ([], [])
 stop_ids, pad_id = data.stop_and_pad_ids(tokenizer, data_cfg["template"])
@@ -88,7 +99,7 @@ log(batches.show_example(train_set[0], tokenizer))
 def build_model(device):
     model = checkpoint.load_model(model_dir, dtype=load_dtype, device=device)
     if {"lora", "attn_lora"} & set(ever_trained):
-        torch.manual_seed(cfg["seed"])  # LoRA's A: the same on every rank, whatever used the RNG before
+        torch.manual_seed(cfg["seed"])  # LoRA's A: the same on every rank, whatever drew before
         lora.inject_lora(model, lora_cfg["rank"], lora_cfg["alpha"], lora_cfg["dropout"],
                          targets=lora_cfg["targets"] if "lora" in ever_trained else [],
                          attn_targets=lora_cfg["attn_targets"] if "attn_lora" in ever_trained else [],
@@ -98,27 +109,29 @@ def build_model(device):
 
 
 model = build_model(device)
-checkpoint.check_fits(model, tokenizer, model_dir, data_cfg["max_length"], sample_cfg["max_new_tokens"])
+checkpoint.check_fits(model, tokenizer, model_dir, max_length, sample_cfg["max_new_tokens"])
 trained = lora.trained_parameters(model, ever_trained)
 model.gradient_checkpointing = train_cfg["gradient_checkpointing"]
 if train_cfg["compile"] == "on" or (train_cfg["compile"] == "auto" and on_cuda):
     for layer in model.model.layers:  # per layer: small graphs, one compile reused 28 times
         layer.compile()
-scorer = step.ResponseLogps(model, cfg["loss"]["head_chunk_size"])  # the model + the response-only head
-# several processes: DDP wraps the scorer, FSDP shards the model (AdamW must then hold the shards)
-train_scorer, trained = distributed.parallel(scorer, trained, ever_trained, train_cfg, launched, bf16, device)
-sync = distributed.grad_sync(train_scorer)  # DDP: all-reduce the gradients in a step's last backward only
+scorer = step.ResponseLogps(model, cfg["loss"]["head_chunk_size"])  # model + response-only head
+# several processes: DDP wraps the scorer, FSDP shards the model (AdamW then holds the shards)
+train_scorer, trained = distributed.parallel(scorer, trained, ever_trained, train_cfg, launched, bf16,
+                                             device)
+sync = distributed.grad_sync(train_scorer)  # DDP: all-reduce the gradients in the last backward only
 
 # 5. AdamW: weight decay on matrices only, never on norms and biases; fused kernels on CUDA
 names = list(trained)
-optimizer = step.adamw(trained, train_cfg["learning_rate"], train_cfg["weight_decay"], fused=on_cuda)
+learning_rate, weight_decay = train_cfg["learning_rate"], train_cfg["weight_decay"]
+optimizer = step.adamw(trained, learning_rate, weight_decay, fused=on_cuda)
 distributed.log_memory_once(model, optimizer, rank, world)
 
 
 # 6. learning rate: linear warmup, then cosine decay to learning_rate * min_lr_ratio
 def get_lr(it):
-    peak, floor = train_cfg["learning_rate"], train_cfg["learning_rate"] * train_cfg["min_lr_ratio"]
-    warmup, max_steps = train_cfg["warmup_steps"], train_cfg["max_steps"]
+    peak, floor = learning_rate, learning_rate * train_cfg["min_lr_ratio"]
+    warmup = train_cfg["warmup_steps"]
     if it < warmup:  # 1) linear warmup
         return peak * (it + 1) / warmup
     progress = (it - warmup) / max(1, max_steps - warmup)  # 2) cosine, 0 -> 1
@@ -128,32 +141,33 @@ def get_lr(it):
 # 7. batches: a global micro-batch holds batch_size * world pairs; each rank collates its own slice
 if not model.packs:  # the Qwen3.5 hybrid's DeltaNet state cannot skip the chosen answer: it pads
     data_cfg["layout"] = "padded"  # and config.yml records the layout used
-collate = packing.collate_for(data_cfg["layout"], pad_id, data_cfg["max_length"])  # examples -> a batch
+collate = packing.collate_for(data_cfg["layout"], pad_id, max_length)  # examples -> a batch
 lengths = [batches.example_length(ex) for ex in train_set]  # a pair's longer row: its padded length
 real_tokens = [sum(len(ids) for ids, _ in batches.rows_of(ex)) for ex in train_set]  # all its rows
-batch_size, accum = train_cfg["batch_size"], train_cfg["grad_accum_steps"]
 eval_batches = [collate(eval_set[i:i + batch_size]) for i in range(0, len(eval_set), batch_size)]
-sample_prompts = ([data.prompt_ids(tokenizer, p, data_cfg["template"]) for p in sample_cfg["prompts"]]
-                  or [batches.prompt_of(ex) for ex in eval_set[:3]])  # what show_samples answers
+sample_prompts = [data.prompt_ids(tokenizer, p, data_cfg["template"]) for p in sample_cfg["prompts"]]
+sample_prompts = sample_prompts or [batches.prompt_of(ex) for ex in eval_set[:3]]  # or held-out ones
+reduction, orpo_lambda = cfg["loss"]["logp_reduction"], train_cfg["orpo_lambda"]
 
 
-def batch_order(epoch):  # the global micro-batches of an epoch, a function of (seed, epoch): batches.py
-    return batches.batch_order(lengths, batch_size * world, cfg["seed"], epoch, data_cfg["group_by_length"],
-                               ranks=world)
+def batch_order(epoch):  # the global micro-batches of an epoch, a function of (seed, epoch)
+    return batches.batch_order(lengths, batch_size * world, cfg["seed"], epoch,
+                               data_cfg["group_by_length"], ranks=world)
 
 
 def run_eval():  # pairs are scored as ORPO scores them; an SFT run's total is its SFT loss (lambda 0)
     kind = "orpo" if "chosen_labels" in eval_set[0] else "sft"
-    lam = train_cfg["orpo_lambda"] if objective == "orpo" else 0.0
-    metrics = step.evaluate(scorer, eval_batches, kind, lam, cfg["loss"]["logp_reduction"], autocast, device)
+    lam = orpo_lambda if objective == "orpo" else 0.0
+    metrics = step.evaluate(scorer, eval_batches, kind, lam, reduction, autocast, device)
     return {f"eval/{k}": v for k, v in metrics.items()}
 
 
 def show_samples(title):
-    runkeeping.show_samples(title, model, tokenizer, sample_prompts, sample_cfg, stop_ids, autocast, log)
+    runkeeping.show_samples(title, model, tokenizer, sample_prompts, sample_cfg, stop_ids, autocast,
+                            log)
 
 
-def save_checkpoint(it):  # every rank calls it (FSDP gathers the shards); only finite weights are saved
+def save_checkpoint(it):  # every rank calls it (FSDP gathers the shards); only finite weights
     runkeeping.check_finite(trained, launched, device, it, "no checkpoint was", last_saved)
     meta = {**fingerprint, "step": it, "epoch": epoch, "position": position, "skipped": skipped}
     return runkeeping.save_checkpoint(run_dir, model, optimizer, names, meta, train_cfg, master, log)
@@ -163,22 +177,24 @@ def save_checkpoint(it):  # every rank calls it (FSDP gathers the shards); only 
 metrics_log = runs.MetricsLog(os.path.join(run_dir, "metrics.jsonl"), objective, enabled=master)
 fingerprint = runs.trajectory(config.flat(cfg), data_paths, checkpoint.weight_files(model_dir), world)
 fingerprint.update({"train examples": len(train_set), "precision": "bf16" if bf16 else "fp32"})
-it, epoch, position, skipped = runkeeping.resume(train_cfg, model, optimizer, names, fingerprint, metrics_log, log)
+it, epoch, position, skipped = runkeeping.resume(train_cfg, model, optimizer, names, fingerprint,
+                                                 metrics_log, log)  # all zero for a new run
 bad_in_row, last_saved = 0, train_cfg["resume_from"] or None
-config.save(cfg, run_dir) if master else None  # after the resume checks: never records a refused setting
+config.save(cfg, run_dir) if master else None  # after the resume checks: never a refused setting
 phase = lora.phase_at(train_cfg["phases"], it)
 n_train, n_total = distributed.set_trainable(model, phase)
 log(f"[model] {model_dir}: training {phase}: {n_train:,} of {n_total:,} parameters "
     f"({100 * n_train / n_total:.2f}%)")
 if model_ranks and it == 0 and sample_prompts:
     show_samples("before training")
-if model_ranks and it == 0 and eval_set and train_cfg["eval_every"]:  # the start of the eval curves
+eval_every, save_every = train_cfg["eval_every"], train_cfg["save_every"]
+if model_ranks and it == 0 and eval_set and eval_every:  # the start of the eval curves
     metrics_log.write({"step": 0, **run_eval()})
 order = batch_order(epoch)
 runkeeping.check_order(order, position, len(train_set), world, last_saved)
-stop = runs.CtrlC()  # the first Ctrl-C asks the loop to finish its step, save, and say how to resume
+stop = runs.CtrlC()  # a first Ctrl-C asks the loop to finish its step, save, and say how to resume
 t_start, start_it = time.time(), it
-while it < train_cfg["max_steps"]:
+while it < max_steps:
     if lora.phase_at(train_cfg["phases"], it) != phase:  # a new phase: switch the trainable groups
         phase = lora.phase_at(train_cfg["phases"], it)
         n_train, _ = distributed.set_trainable(model, phase)
@@ -187,45 +203,45 @@ while it < train_cfg["max_steps"]:
         epoch, position = epoch + 1, 0
         order = batch_order(epoch)
     step_idx = order[position:position + accum]  # this step's global micro-batches
-    micro_batches = [collate([train_set[j] for j in idx[rank::world]]) for idx in step_idx]  # this rank's
+    mine = [idx[rank::world] for idx in step_idx]  # this rank's share of each micro-batch
+    micro_batches = [collate([train_set[j] for j in idx]) for idx in mine]
     position += accum
-    torch.manual_seed(cfg["seed"] * 1_000_003 + it * 1009 + rank)  # dropout: a function of (seed, step, rank)
+    torch.manual_seed(cfg["seed"] * 1_000_003 + it * 1009 + rank)  # dropout: a function of these three
     lr = get_lr(it)
     for group in optimizer.param_groups:
         group["lr"] = lr
     # one optimizer step: forward (label log-probs) -> loss (loss.py) -> backward -> clip -> guard -> AdamW
-    metrics = step.train_step(train_scorer, optimizer, micro_batches, objective, train_cfg["orpo_lambda"],
-                              reduction=cfg["loss"]["logp_reduction"], max_grad_norm=train_cfg["max_grad_norm"],
-                              autocast=autocast, device=device, sync=sync)
+    metrics = step.train_step(train_scorer, optimizer, micro_batches, objective, orpo_lambda, reduction,
+                              train_cfg["max_grad_norm"], autocast, device, sync)
     it += 1
     skipped, bad_in_row = runkeeping.guard(metrics, it, skipped, bad_in_row, train_cfg["max_bad_steps"],
                                            last_saved, log)  # a skipped step made no update
-    if not metrics["skipped"]:  # averaged over the steps since the last log line, with real (non-pad) tokens
-        metrics_log.add(metrics, tokens=sum(real_tokens[j] for idx in step_idx for j in idx[rank::world]))
-    last = it == train_cfg["max_steps"]
-    do_eval = bool(eval_set) and (last or (train_cfg["eval_every"] and it % train_cfg["eval_every"] == 0))
+    if not metrics["skipped"]:  # averaged until the next log line, with this rank's real (non-pad) tokens
+        metrics_log.add(metrics, tokens=sum(real_tokens[j] for idx in mine for j in idx))
+    last = it == max_steps
+    do_eval = bool(eval_set) and (last or (eval_every and it % eval_every == 0))
     if (it % train_cfg["log_every"] == 0 or last or do_eval) and metrics_log.pending:
         row = metrics_log.averages(it, lr, skipped, step.all_reduce if launched else None, device)
         if on_cuda:
             row["train/memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
         if model_ranks and do_eval:
             row.update(run_eval())
-        metrics_log.write(row, eta=(time.time() - t_start) / (it - start_it) * (train_cfg["max_steps"] - it))
-    metrics_log.progress(it, train_cfg["max_steps"], metrics, time.time() - t_start)
+        metrics_log.write(row, eta=(time.time() - t_start) / (it - start_it) * (max_steps - it))
+    metrics_log.progress(it, max_steps, metrics, time.time() - t_start)
     stopping = runkeeping.stop_asked(stop, launched, device)  # Ctrl-C, on any rank
-    if train_cfg["save_every"] and (it % train_cfg["save_every"] == 0 or last) or stopping and it > start_it:
+    if save_every and (it % save_every == 0 or last) or stopping and it > start_it:
         last_saved = save_checkpoint(it)
     if stopping:
         runkeeping.interrupted(it, last_saved)  # exits with the command that continues the run
 
-# 9. final/: the merged model and the adapter alone (PEFT's layout), complete before anything optional runs
+# 9. final/: the merged model and the LoRA adapter alone, complete before anything optional runs
 runkeeping.check_trained(it, skipped)  # a run in which every step was skipped writes no final/
 runkeeping.check_finite(trained, launched, device, it, "final/ was", last_saved)
 if fsdp:  # the whole model, on rank 0
     model = distributed.gather_model(model, master, lambda: build_model(device))
 if master:
     runkeeping.write_final(run_dir, model, model_dir, base_dtype, metrics_log, log)
-runkeeping.finish(launched)  # the other ranks wait for rank 0's final/ before the process group goes away
+runkeeping.finish(launched)  # the other ranks wait for rank 0's final/, then the process group ends
 
 # 10. optional extras: a failure here loses nothing, final/ is complete
 if master:
