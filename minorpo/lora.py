@@ -1,4 +1,4 @@
-"""LoRA, written by hand: wrap chosen nn.Linear layers, pick trainable groups, merge, save like PEFT.
+"""LoRA, written by hand: wrap chosen nn.Linear layers, pick trainable groups, merge.
 
 LoRA (Hu et al. 2021, arXiv:2106.09685, Eq. 3) freezes a pretrained weight W0 and learns a low-rank
 update:    h = W0·x + (alpha / r) · B·A·x,    A: (r, in), B: (out, r).
@@ -12,22 +12,20 @@ Decisions:
 - The rank is 1 .. the narrowest in/out width of a targeted layer (more adds parameters, not rank),
   checked before allocating. A and B train in fp32 on a bf16 base: lr·grad updates vanish in bf16.
 - `merge_lora` is explicit, never a side effect of `.eval()` (loralib's surprise), and idempotent.
-- Adapters are saved in PEFT's file layout, so PEFT-based tools load them (minorpo itself never does).
+- Adapters are saved in PEFT's file layout (adapter.py), so PEFT-based tools load them.
 """
-import json
 import math
-import os
 import re
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from minorpo.adapter import PEFT_PREFIX, save_adapter  # noqa: F401 - the file layout; lora.save_adapter
 from minorpo.config import GROUPS
-from minorpo.files import UserError, save_safetensors
+from minorpo.files import UserError
 
 ATTENTION_BLOCKS = ("self_attn", "linear_attn")  # module names that hold token-mixer (attention) projections
-PEFT_PREFIX = "base_model.model."
 
 
 class LoRALinear(nn.Module):
@@ -152,27 +150,6 @@ def merge_lora(model):
             linear.bias.copy_(m.bias)
         _replace(model, name, linear)
     return model
-
-
-def save_adapter(model, folder, base_model_name):
-    """Write adapter_config.json + adapter_model.safetensors (PEFT's layout) into `folder`. base_model_name, the
-    base checkpoint folder actually used (never `tiny`), is where PEFT will load the base model from."""
-    layers = lora_layers(model)
-    if not layers:
-        raise ValueError("save_adapter: the model has no LoRA layers")
-    first = next(iter(layers.values()))
-    indices = sorted({_layer_index(n) for n in layers})
-    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model_name,
-              "r": first.rank, "lora_alpha": first.alpha, "lora_dropout": getattr(first.dropout, "p", 0.0),
-              "target_modules": sorted({n.rsplit(".", 1)[-1] for n in layers}),
-              "layers_to_transform": None if len(indices) == len(model.get_submodule("model.layers")) else indices,
-              "bias": "none", "fan_in_fan_out": False, "inference_mode": True, "modules_to_save": None}
-    os.makedirs(folder, exist_ok=True)
-    with open(os.path.join(folder, "adapter_config.json"), "w") as f:
-        json.dump(config, f, indent=2)
-    tensors = {f"{PEFT_PREFIX}{n}.lora_{x}.weight": getattr(m, f"lora_{x}").float()  # PEFT's key names
-               for n, m in layers.items() for x in ("A", "B")}
-    save_safetensors(tensors, os.path.join(folder, "adapter_model.safetensors"))
 
 
 def fp32_trained_parameters(model, groups):
