@@ -72,8 +72,9 @@ def sum_mode(orpo, orpo_sum):
     summed, mean = orpo_sum[1][last], orpo[1][last]
     zero = min((step for step, r in orpo_sum[1].items()
                 if all(orpo_sum[1][k]["train/orpo_loss"] < 5e-5 for k in orpo_sum[1] if k >= step)), default=None)
-    return (f"by step {last} the log odds ratio is {summed['train/log_odds_ratio']:+.2f} ({mean['train/log_odds_ratio']:+.2f} with "
-            f"the mean) and L_OR averages {summed['train/orpo_loss']:.3f} ({mean['train/orpo_loss']:.3f} with the mean)"
+    ratio = "train/log_odds_ratio"
+    return (f"by step {last} the log odds ratio is {summed[ratio]:+.2f} ({mean[ratio]:+.2f} with the mean)"
+            f" and L_OR averages {summed['train/orpo_loss']:.3f} ({mean['train/orpo_loss']:.3f} with the mean)"
             + (f"; L_OR prints as 0.0000 from step {zero} on" if zero is not None else ""))
 
 
