@@ -36,7 +36,11 @@ def train_rows(run_dir, every=False):
     return rows if every else [r for r in rows if "train/tokens" in r]
 
 
-def assert_close(a, b, atol=1e-5):
+def assert_close(a, b, atol=1e-4):
+    """Weights after a few AdamW steps. AdamW divides each gradient by sqrt(its second moment) + 1e-8, so an element
+    whose gradient is near 0 turns a rounding difference of the summation order (ranks add in another order) into
+    an update difference of up to the learning rate; 1e-4 bounds that over these 4 steps at lr 1e-3 (1.8e-5 seen).
+    A wrong normalisation shows in the losses, which the tests compare at 1e-5."""
     assert a.keys() == b.keys()
     for k in a:
         assert torch.allclose(a[k], b[k], atol=atol), (k, (a[k] - b[k]).abs().max())
