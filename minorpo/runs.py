@@ -22,6 +22,7 @@ import shutil
 import signal
 import sys
 import time
+import uuid
 
 import torch
 
@@ -30,6 +31,7 @@ from minorpo.files import UserError, atomic_write
 STEP = re.compile(r"^step_(\d{6,})$")
 # the temporary names files.atomic_folder (.name.1234abcd.tmp/.old) and atomic_write (name.1234abcd.tmp) use here
 LEFTOVER = re.compile(r"^(?:\.(final|step_\d{6,})|(config\.yml|metrics\.jsonl|metrics\.svg))\.[0-9a-f]{8}\.(tmp|old)$")
+CHECKPOINT_FILES = {"weights.safetensors", "optimizer.safetensors", "state.json"}  # what state.save writes
 RESUMABLE = ("run_name", "output_dir", "model_name", "device", "data.path", "data.eval_path",
              "training.max_steps", "training.log_every", "training.eval_every", "training.save_every",
              "training.keep_checkpoints", "training.resume_from", "training.max_bad_steps", "training.compile",
@@ -38,9 +40,11 @@ RESUMABLE = ("run_name", "output_dir", "model_name", "device", "data.path", "dat
 
 
 def checkpoints(run_dir):
-    """The complete step_NNNNNN checkpoints of a run folder, oldest first."""
-    names = sorted(os.listdir(run_dir)) if os.path.isdir(run_dir) else []
-    paths = [os.path.join(run_dir, n) for n in names if STEP.match(n)]
+    """The complete step_NNNNNN checkpoints of a run folder, oldest first: by step, not by name
+    (step_1000000 sorts before step_999999 as text)."""
+    names = sorted((n for n in os.listdir(run_dir) if STEP.match(n)), key=lambda n: int(STEP.match(n)[1])) \
+        if os.path.isdir(run_dir) else []
+    paths = [os.path.join(run_dir, n) for n in names]
     return [p for p in paths if not os.path.islink(p) and os.path.isfile(os.path.join(p, "state.json"))]
 
 
@@ -77,6 +81,14 @@ def recover(run_dir):
     done = []
     for name in sorted(os.listdir(run_dir)) if os.path.isdir(run_dir) else []:
         match, path = LEFTOVER.match(name), os.path.join(run_dir, name)
+        if STEP.match(name) and os.path.isdir(path) and not os.path.islink(path) \
+                and not os.path.lexists(os.path.join(path, "state.json")):  # a deletion killed halfway
+            if set(os.listdir(path)) <= CHECKPOINT_FILES:
+                shutil.rmtree(path)
+                done.append(f"[recover] removed {path}: a checkpoint without state.json, left by a killed deletion")
+            else:
+                done.append(f"[recover] {path} has no state.json, so it is no checkpoint, and holds files minorpo "
+                            "does not write: left as it is; move it out of the run folder")
         if not match or os.path.islink(path) or match[2] and match[3] == "old":
             continue  # never ours: atomic_write leaves no .old, and neither writes links
         target = os.path.join(run_dir, match[1] or match[2])
@@ -90,10 +102,13 @@ def recover(run_dir):
 
 
 def rotate(run_dir, keep, protect=None):
-    """Delete all but the last `keep` checkpoints, never `protect` (the one this run resumed from)."""
+    """Delete all but the last `keep` checkpoints, never `protect` (the one this run resumed from). Each is
+    renamed to a temporary name first (atomic), so a kill mid-delete leaves a name recover() removes."""
     for folder in checkpoints(run_dir)[:-keep]:
         if not (protect and os.path.realpath(folder) == os.path.realpath(protect)):
-            shutil.rmtree(folder)
+            doomed = os.path.join(run_dir, f".{os.path.basename(folder)}.{uuid.uuid4().hex[:8]}.tmp")
+            os.rename(folder, doomed)
+            shutil.rmtree(doomed)
 
 
 def file_hash(path, sample_above=1 << 26):
