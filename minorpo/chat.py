@@ -89,6 +89,12 @@ def load(args):
     model = checkpoint.load_model(args.model, torch.bfloat16 if on_cuda else torch.float32,
                                   "cuda" if on_cuda else "cpu")
     tokenizer = data.load_tokenizer(checkpoint.resolve(args.model))
+    needed = ("<|im_start|>", "<|im_end|>", "<|endoftext|>") if args.template == "chatml" else ("<|endoftext|>",)
+    if missing := [token for token in needed if tokenizer.token_to_id(token) is None]:
+        fix = "use --template raw (prompt + answer, for a base model)" if args.template == "chatml" else \
+            "a raw prompt ends at it; this tokenizer belongs to no model chat can talk to"
+        raise ChatError(f"{checkpoint.resolve(args.model)}/tokenizer.json: no {missing[0]} token, which "
+                        f"--template {args.template} needs; {fix}")
     if args.max_new_tokens >= model.config.max_position_embeddings:
         raise ChatError(f"--max-new-tokens {args.max_new_tokens} leaves no room for a prompt in the model's "
                         f"{model.config.max_position_embeddings} positions; lower it")
