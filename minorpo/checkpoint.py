@@ -231,8 +231,9 @@ def load_model(folder_or_name, dtype=torch.float32, device="cpu"):
     check_tensors(expected_shapes(cfg), found, next(iter(headers)) if len(headers) == 1 else f"{folder}/{INDEX}")
     with torch.device("meta"):
         model = MODELS[cfg.model_type][1](cfg)  # shapes only: no memory, no random initialisation
-    state = {model_key(name, cfg): tensor for path, header in headers.items()
-             for name, tensor in read_tensors(path, [n for n in header if model_key(n, cfg) in found], dtype, device)}
+    state = {model_key(name, cfg): tensor for path, header in headers.items()  # each checked finite
+             for name, tensor in read_tensors(path, [n for n in header if model_key(n, cfg) in found], dtype,
+                                              device, FIX)}
     model.load_state_dict(state, strict=not cfg.tie_word_embeddings, assign=True)  # check_tensors checked the keys
     if cfg.tie_word_embeddings:  # assign=True replaced the embedding Parameter: the head is it again
         model.lm_head.weight = model.model.embed_tokens.weight

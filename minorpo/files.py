@@ -148,13 +148,20 @@ def safetensors_header(path, fix):
     return {name: shape for name, (dtype, shape) in header.items()}
 
 
-def read_tensors(path, names, dtype=None, device="cpu"):
+def read_tensors(path, names, dtype=None, device="cpu", fix="download or copy the file again"):
     """Yield (name, tensor) for `names` of a file checked by safetensors_header, one at a time, each a copy
-    (in dtype, on device): a view of the memory-mapped file would die if the file were rewritten."""
+    (in dtype, on device): a view of the memory-mapped file would die if the file were rewritten. A tensor
+    holding NaN or inf is a UserError naming the file and tensor: it would train to NaN hours later."""
     with safe_open(path, framework="pt") as f:
         for name in names:
             tensor = f.get_tensor(name)
-            yield name, tensor.to(device=device, dtype=dtype or tensor.dtype, copy=True)
+            tensor = tensor.to(device=device, dtype=dtype or tensor.dtype, copy=True)
+            flat = tensor.reshape(-1)  # checked in pieces: the mask of a big embedding costs no big allocation
+            if tensor.is_floating_point() and not all(torch.isfinite(flat[i:i + (1 << 24)]).all()
+                                                      for i in range(0, flat.numel(), 1 << 24)):
+                raise UserError(f"{path}: tensor {name} holds NaN or inf; a model or checkpoint holds finite "
+                                f"values only: {fix}")
+            yield name, tensor
 
 
 @contextlib.contextmanager

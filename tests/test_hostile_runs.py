@@ -1,0 +1,43 @@
+"""Issue 30's hostile cases for train.py's run folder and inputs: each runs the real train.py and looks at
+the disk afterwards."""
+import json
+import os
+import shutil
+import struct
+
+import pytest
+
+from minorpo import tiny
+
+FAST = ["training.log_every=2", "training.eval_every=0", "training.warmup_steps=2", "sample.max_new_tokens=4",
+        "training.batch_size=4"]
+
+
+def train(run_limited, out, *overrides, **kwargs):
+    return run_limited(["train.py", "presets/orpo.yml", f"output_dir={out}", *FAST, *overrides], **kwargs)
+
+
+def poison(path, tensor, value):
+    """Write `value` into the first element of an F32 tensor of a safetensors file, in place."""
+    with open(path, "r+b") as f:
+        size = struct.unpack("<Q", f.read(8))[0]
+        header = json.loads(f.read(size))
+        assert header[tensor]["dtype"] == "F32"
+        f.seek(8 + size + header[tensor]["data_offsets"][0])
+        f.write(struct.pack("<f", value))
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    return tiny.ensure_model(str(tmp_path_factory.mktemp("runs") / "tiny-model"))
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("-inf")])
+def test_a_model_whose_weights_hold_nan_or_inf_is_refused_at_load_naming_file_and_tensor(
+        tiny_model, tmp_path, run_limited, one_line_error, value):
+    model = shutil.copytree(tiny_model, tmp_path / "model")
+    poison(model / "model.safetensors", "model.embed_tokens.weight", value)  # a row no token may reach
+    p = train(run_limited, tmp_path / "out", f"model_name={model}", "training.max_steps=2")
+    one_line_error(p, f"{model}/model.safetensors", "model.embed_tokens.weight", "NaN or inf", "download")
+    assert not os.path.exists(tmp_path / "out" / "orpo" / "final")
+    assert "[save]" not in p.stdout and "step " not in p.stdout  # no training step ran
