@@ -165,15 +165,30 @@ def read_tensors(path, names, dtype=None, device="cpu", fix="download or copy th
 
 
 @contextlib.contextmanager
+def naming(path, tmp=None):
+    """An OSError gets the path the user knows: `path` when it has no file name (a full disk or a file-size
+    limit is raised by a write, which names no file), `path` + the rest of a name inside the temporary `tmp`."""
+    try:
+        yield
+    except OSError as e:
+        name = e.filename if isinstance(e.filename, str) else None
+        if not e.errno or name and not (tmp and name.startswith(tmp)):
+            raise
+        raise OSError(e.errno, e.strerror, path + name[len(tmp):] if name else path) from None
+
+
+@contextlib.contextmanager
 def atomic_folder(path):
     """Yield a temporary sibling folder to write into; on success it replaces `path`, on error it is removed.
     The old folder is renamed aside, not deleted, until the new one is in: a crash leaves it as a .old folder."""
     path = os.path.abspath(path)
     stem = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{uuid.uuid4().hex[:8]}")
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    os.mkdir(stem + ".tmp")
+    with naming(path, stem + ".tmp"):
+        os.mkdir(stem + ".tmp")
     try:
-        yield stem + ".tmp"
+        with naming(path, stem + ".tmp"):
+            yield stem + ".tmp"
     except BaseException:
         shutil.rmtree(stem + ".tmp", ignore_errors=True)
         raise
@@ -190,7 +205,7 @@ def atomic_write(path, text):
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.{uuid.uuid4().hex[:8]}.tmp"
     try:
-        with open(tmp, "w") as f:
+        with naming(path, tmp), open(tmp, "w") as f:
             f.write(text)
         os.replace(tmp, path)
     finally:
@@ -212,7 +227,7 @@ def save_safetensors(tensors, path, metadata=None):
         offset += t.nbytes
     header_bytes = json.dumps(header).encode()
     header_bytes += b" " * (-len(header_bytes) % 8)  # the format pads the header to 8-byte alignment
-    with open(path, "wb") as f:
+    with naming(path), open(path, "wb") as f:  # a full disk names the file
         f.write(struct.pack("<Q", len(header_bytes)) + header_bytes)
         for t in tensors.values():
             f.write(ctypes.string_at(t.data_ptr(), t.nbytes))  # a copy of the raw bytes

@@ -26,7 +26,7 @@ import uuid
 
 import torch
 
-from minorpo.files import UserError, atomic_write
+from minorpo.files import UserError, atomic_write, naming
 
 STEP = re.compile(r"^step_(\d{6,})$")
 # the temporary names files.atomic_folder (.name.1234abcd.tmp/.old) and atomic_write (name.1234abcd.tmp) use here
@@ -192,7 +192,7 @@ class MetricsLog:
                      f" | rejected {row['eval/rejected_logps']:.3f}")
         if self.enabled:
             print(line, flush=True)
-            with open(self.path, "a") as f:
+            with naming(self.path), open(self.path, "a") as f:  # a full disk names the file
                 f.write(json.dumps(row) + "\n")
 
     def progress(self, step, max_steps, metrics, elapsed):

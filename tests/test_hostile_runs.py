@@ -41,3 +41,20 @@ def test_a_model_whose_weights_hold_nan_or_inf_is_refused_at_load_naming_file_an
     one_line_error(p, f"{model}/model.safetensors", "model.embed_tokens.weight", "NaN or inf", "download")
     assert not os.path.exists(tmp_path / "out" / "orpo" / "final")
     assert "[save]" not in p.stdout and "step " not in p.stdout  # no training step ran
+
+
+LIMITED = """import resource, runpy, sys
+resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))  # what `ulimit -f 1024` sets; a full disk is alike
+sys.argv = ["train.py", *sys.argv[1:]]
+runpy.run_path("train.py", run_name="__main__")
+"""
+
+
+def test_a_file_size_limit_is_one_line_naming_the_path_and_leaves_no_half_folder(tmp_path, run_limited,
+                                                                                  one_line_error):
+    out = tmp_path / "out"
+    tiny.ensure_model(str(out / "tiny-model"))  # 3 MB: written here, before the limit
+    tiny.ensure_pairs(str(out / "tiny-data" / "pairs.jsonl"))
+    p = run_limited(["-c", LIMITED, "presets/orpo.yml", f"output_dir={out}", *FAST, "training.max_steps=2"])
+    one_line_error(p, "File too large", f"{out / 'orpo' / 'final' / 'model.safetensors'}")
+    assert sorted(os.listdir(out / "orpo")) == ["config.yml", "metrics.jsonl"]  # no final/, no temporary folder
