@@ -3,6 +3,7 @@ the disk afterwards."""
 import json
 import os
 import shutil
+import socket
 import struct
 
 import pytest
@@ -58,3 +59,28 @@ def test_a_file_size_limit_is_one_line_naming_the_path_and_leaves_no_half_folder
     p = run_limited(["-c", LIMITED, "presets/orpo.yml", f"output_dir={out}", *FAST, "training.max_steps=2"])
     one_line_error(p, "File too large", f"{out / 'orpo' / 'final' / 'model.safetensors'}")
     assert sorted(os.listdir(out / "orpo")) == ["config.yml", "metrics.jsonl"]  # no final/, no temporary folder
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_rank_variables_without_torchrun_are_one_line_and_a_bounded_announced_wait(tmp_path, run_limited,
+                                                                                   one_line_error):
+    peer = {"MASTER_ADDR": "127.0.0.1", "MINORPO_RENDEZVOUS_TIMEOUT": "2"}
+    cases = {"leftover": {"RANK": "0", "WORLD_SIZE": "2"},
+             "rank 0 alone": {"RANK": "0", "WORLD_SIZE": "2", "MASTER_PORT": str(free_port()), **peer},
+             "rank 1 alone": {"RANK": "1", "WORLD_SIZE": "2", "MASTER_PORT": str(free_port()), **peer}}
+    jobs = {name: ["train.py", "presets/orpo.yml", f"output_dir={tmp_path / name}"] for name in cases}
+    with pytest.MonkeyPatch.context() as m:
+        for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID"):
+            m.delenv(name, raising=False)
+        done = {name: run_limited(jobs[name], env=cases[name], timeout=120) for name in cases}
+    one_line_error(done["leftover"], "RANK is set but MASTER_ADDR is not", "torchrun", "unset RANK")
+    for name in ("rank 0 alone", "rank 1 alone"):
+        port = cases[name]["MASTER_PORT"]
+        assert f"waiting up to 2 s for all 2 ranks to join at 127.0.0.1:{port}" in done[name].stdout
+        one_line_error(done[name], f"did not join at 127.0.0.1:{port} within 2 s", "unset RANK")
+    assert not any(os.path.exists(tmp_path / name) for name in cases)  # nothing written
