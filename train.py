@@ -187,7 +187,7 @@ def save_checkpoint(it):
 
 # 8. resume, then the loop
 metrics_log = runs.MetricsLog(os.path.join(run_dir, "metrics.jsonl"), objective, enabled=master)
-fingerprint = runs.trajectory(config.flat(cfg), data_paths, checkpoint.weight_files(model_dir), world)
+fingerprint = runs.trajectory(config.flat(cfg), data_paths, checkpoint.fingerprint_files(model_dir), world)
 fingerprint.update({"train examples": len(train_set), "precision": "bf16" if bf16 else "fp32"})  # auto, resolved
 it, epoch, position, skipped, bad_in_row, last_saved = 0, 0, 0, 0, 0, None
 if train_cfg["resume_from"]:

@@ -178,6 +178,13 @@ def weight_files(folder):
     raise CheckpointError(f"{folder}: no weights, expected {WEIGHTS} or {INDEX}{hint}")
 
 
+def fingerprint_files(folder):
+    """{what: [real paths]} of what decides a run's trajectory besides its settings: the weights, config.json
+    (rope_theta, rms_norm_eps, ...) and tokenizer.json (how the data is split into ids)."""
+    return {"base model": weight_files(folder), "base model config.json": [model_file(folder, CONFIG)],
+            "base model tokenizer.json": [model_file(folder, "tokenizer.json", "tokenizer")]}
+
+
 def expected_shapes(cfg):
     """{checkpoint tensor name: shape} of a model with config cfg; a tied model stores no lm_head.weight."""
     with torch.device("meta"):  # one position: the RoPE tables, built on the CPU, hold no tensor that is saved

@@ -128,10 +128,13 @@ def file_hash(path, sample_above=1 << 26):
 
 
 def trajectory(flat_cfg, data_paths, model_files, world):
-    """What a checkpoint must agree on with the run that resumes it (flat keys, JSON values)."""
+    """What a checkpoint must agree on with the run that resumes it (flat keys, JSON values). model_files:
+    {what: [paths]} (checkpoint.fingerprint_files: weights, config.json, tokenizer.json), or the weight files."""
+    models = model_files if isinstance(model_files, dict) else {"base model": model_files}
     return {**{k: v for k, v in flat_cfg.items() if k not in RESUMABLE},
             "data": "".join(file_hash(p, sample_above=None) for p in data_paths),  # every byte: it is read anyway
-            "base model": file_hash(model_files[0]) + "".join(file_hash(p)[:4] for p in model_files[1:]),
+            **{what: file_hash(paths[0]) + "".join(file_hash(p)[:4] for p in paths[1:]) for what, paths in
+               models.items()},
             "ranks": world}
 
 

@@ -84,3 +84,40 @@ def test_rank_variables_without_torchrun_are_one_line_and_a_bounded_announced_wa
         assert f"waiting up to 2 s for all 2 ranks to join at 127.0.0.1:{port}" in done[name].stdout
         one_line_error(done[name], f"did not join at 127.0.0.1:{port} within 2 s", "unset RANK")
     assert not any(os.path.exists(tmp_path / name) for name in cases)  # nothing written
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory, tiny_model, run_limited):
+    """A finished 4-step run of a model folder of its own, with checkpoints at steps 2 and 4."""
+    out = tmp_path_factory.mktemp("finished")
+    shutil.copytree(tiny_model, out / "model")
+    p = train(run_limited, out, f"model_name={out / 'model'}", "training.max_steps=4", "training.save_every=2")
+    assert p.returncode == 0, p.stderr[-3000:]
+    return out
+
+
+def copy_run(finished, to):
+    shutil.copytree(finished, to)
+    return to, [f"model_name={to / 'model'}", f"training.resume_from={to / 'orpo' / 'step_000004'}",
+                "training.max_steps=6", "training.save_every=2"]
+
+
+def files_of(folder):
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_resume_refuses_a_changed_config_json_or_tokenizer_json_of_the_base_model(finished, tmp_path, run_many,
+                                                                                   one_line_error):
+    runs = {name: copy_run(finished, tmp_path / name) for name in ("config.json", "tokenizer.json", "same")}
+    config = runs["config.json"][0] / "model" / "config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "rms_norm_eps": 1e-5}))
+    tokenizer = runs["tokenizer.json"][0] / "model" / "tokenizer.json"
+    tokenizer.write_text(json.dumps(json.loads(tokenizer.read_text()), indent=4))
+    before = {name: files_of(out / "orpo") for name, (out, _) in runs.items()}
+    done = run_many({name: ["train.py", "presets/orpo.yml", f"output_dir={out}", *FAST, *args]
+                     for name, (out, args) in runs.items()})
+    for name in ("config.json", "tokenizer.json"):
+        one_line_error(done[name], f"base model {name} was")
+        assert files_of(runs[name][0] / "orpo") == before[name]  # nothing rewritten
+    assert done["same"].returncode == 0, done["same"].stderr[-2000:]  # an unchanged copy continues
+    assert os.path.isdir(runs["same"][0] / "orpo" / "step_000006")
