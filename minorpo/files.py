@@ -200,17 +200,24 @@ def atomic_folder(path):
         os.rename(stem + ".tmp", path)
 
 
-def atomic_write(path, text):
-    """Write text to path through a temporary sibling file and a rename."""
+@contextlib.contextmanager
+def atomic_file(path):
+    """Yield a text file to write, a temporary sibling of path renamed onto it when the block ends without error."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.{uuid.uuid4().hex[:8]}.tmp"
     try:
         with naming(path, tmp), open(tmp, "w") as f:
-            f.write(text)
+            yield f
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def atomic_write(path, text):
+    """Write text to path through a temporary sibling file and a rename."""
+    with atomic_file(path) as f:
+        f.write(text)
 
 
 def save_safetensors(tensors, path, metadata=None):

@@ -14,6 +14,7 @@ Decisions:
 - Every write is atomic (files.py): a killed run leaves complete files and temporary names, which recover()
   removes at the next start, putting an interrupted folder swap back.
 """
+import errno
 import hashlib
 import json
 import os
@@ -26,7 +27,7 @@ import uuid
 
 import torch
 
-from minorpo.files import UserError, atomic_write, naming
+from minorpo.files import UserError, atomic_file, naming
 
 STEP = re.compile(r"^step_(\d{6,})$")
 # the temporary names files.atomic_folder (.name.1234abcd.tmp/.old) and atomic_write (name.1234abcd.tmp) use here
@@ -138,6 +139,16 @@ def trajectory(flat_cfg, data_paths, model_files, world):
             "ranks": world}
 
 
+def _skip_hole(f):
+    """Move a binary file past a hole (unwritten zero bytes of a sparse file) at its position, if it has one."""
+    if hasattr(os, "SEEK_DATA"):
+        try:
+            f.seek(os.lseek(f.fileno(), f.tell(), os.SEEK_DATA))
+        except OSError as e:  # ENXIO: a hole to the end; anything else: no SEEK_DATA here, read the zeros
+            if e.errno == errno.ENXIO:
+                f.seek(0, os.SEEK_END)
+
+
 class MetricsLog:
     """metrics.jsonl (one JSON line per log step), the readable log line on stdout, and a progress line on
     stderr every few seconds: refreshed in place on a terminal, a plain line every 30 s when piped."""
@@ -161,22 +172,30 @@ class MetricsLog:
         self.sums, self.tokens, self.pending, self.since = {}, 0, 0, time.time()
         return row
 
-    def keep_up_to(self, step):
-        """On resume: keep the rows up to the checkpoint's step; a line cut by a crash is dropped."""
+    def keep_up_to(self, step, max_line=1 << 20):
+        """On resume: keep the rows up to the checkpoint's step, copied line by line; a line cut by a crash, or
+        longer than any row (a crash can leave gigabytes of zero bytes), is dropped: memory stays one line."""
         if not self.enabled or not os.path.isfile(self.path):
             return []
-        rows, warnings = [], []
-        with open(self.path, encoding="utf-8", errors="replace") as f:
-            for number, line in enumerate(f, 1):
-                try:
-                    row = json.loads(line)
-                except (ValueError, RecursionError):  # a cut line, or one no run of ours wrote
-                    warnings.append(f"[warning] {self.path}:{number}: an unreadable line (cut by a crash?) is dropped")
-                    continue
-                if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= step:
-                    rows.append(json.dumps(row) + "\n")
-        atomic_write(self.path, "".join(rows))
-        return warnings
+        bad, first = 0, None
+        with open(self.path, "rb") as f, atomic_file(self.path) as out:
+            for number, line in enumerate(iter(lambda: f.readline(max_line + 1), b""), 1):
+                row = None
+                if len(line) > max_line:  # read past the rest of it in pieces
+                    while line and not line.endswith(b"\n"):
+                        _skip_hole(f)
+                        line = f.readline(max_line)
+                else:
+                    try:
+                        row = json.loads(line)
+                    except (ValueError, RecursionError):  # a cut line, or one no run of ours wrote
+                        pass
+                if not isinstance(row, dict):
+                    bad, first = bad + 1, first or number
+                elif isinstance(row.get("step"), int) and row["step"] <= step:
+                    out.write(json.dumps(row) + "\n")
+        return [f"[warning] {self.path}:{first}: {bad} unreadable line{'s' * (bad > 1)} (cut by a crash?) dropped"
+                ] if bad else []
 
     def write(self, row, eta=None):
         """Print one readable line and append the same numbers as one JSON line."""

@@ -121,3 +121,17 @@ def test_resume_refuses_a_changed_config_json_or_tokenizer_json_of_the_base_mode
         assert files_of(runs[name][0] / "orpo") == before[name]  # nothing rewritten
     assert done["same"].returncode == 0, done["same"].stderr[-2000:]  # an unchanged copy continues
     assert os.path.isdir(runs["same"][0] / "orpo" / "step_000006")
+
+
+def test_a_resume_whose_metrics_end_in_gigabytes_of_zero_bytes_keeps_memory_bounded(finished, tmp_path,
+                                                                                    run_limited):
+    out, args = copy_run(finished, tmp_path / "out")
+    metrics = out / "orpo" / "metrics.jsonl"
+    rows = metrics.read_text().splitlines()
+    with open(metrics, "ab") as f:  # what a crash on some file systems leaves: a sparse tail of zeros
+        f.truncate(os.path.getsize(metrics) + (16 << 30))  # more than the 6 GB the run may hold
+    p = train(run_limited, out, *args, memory_gb=6)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert f"[warning] {metrics}:{len(rows) + 1}: 1 unreadable line" in p.stdout
+    kept = [json.loads(line) for line in metrics.read_text().splitlines()]  # small again, every line a row
+    assert kept[:len(rows)] == [json.loads(row) for row in rows] and kept[-1]["step"] == 6
