@@ -123,9 +123,10 @@ def test_resume_refuses_a_changed_config_json_or_tokenizer_json_of_the_base_mode
     assert os.path.isdir(runs["same"][0] / "orpo" / "step_000006")
 
 
-def test_a_resume_whose_metrics_end_in_gigabytes_of_zero_bytes_keeps_memory_bounded(finished, tmp_path,
-                                                                                    run_limited):
+def test_a_resume_after_a_crash_bounds_memory_for_zeroed_metrics_and_removes_a_half_deleted_checkpoint(
+        finished, tmp_path, run_limited):
     out, args = copy_run(finished, tmp_path / "out")
+    (out / "orpo" / "step_000002" / "state.json").unlink()  # a rotation killed halfway through its deletion
     metrics = out / "orpo" / "metrics.jsonl"
     rows = metrics.read_text().splitlines()
     with open(metrics, "ab") as f:  # what a crash on some file systems leaves: a sparse tail of zeros
@@ -135,3 +136,6 @@ def test_a_resume_whose_metrics_end_in_gigabytes_of_zero_bytes_keeps_memory_boun
     assert f"[warning] {metrics}:{len(rows) + 1}: 1 unreadable line" in p.stdout
     kept = [json.loads(line) for line in metrics.read_text().splitlines()]  # small again, every line a row
     assert kept[:len(rows)] == [json.loads(row) for row in rows] and kept[-1]["step"] == 6
+    assert f"[recover] removed {out / 'orpo' / 'step_000002'}: a checkpoint without state.json" in p.stdout
+    assert sorted(n for n in os.listdir(out / "orpo") if n.startswith(("step_", "."))) == \
+        ["step_000004", "step_000006"]
