@@ -129,9 +129,10 @@ def validate(cfg, given, where):
         raise ConfigError(f"{where}: `training.phases` must be a list like [{{step: 0, trainable: [lora]}}] with steps "
                           f"from 0 upwards and groups from {', '.join(GROUPS)}; got {shown(phases)}")
     for group, key in (("lora", "targets"), ("attn_lora", "attn_targets")):  # a group of no layers trains nothing
+        example = ", ".join(FLAT_DEFAULTS[f"lora.{key}"])
         if not cfg["lora"][key] and any(group in p["trainable"] for p in phases):
             raise ConfigError(f"{where}: `training.phases` trains `{group}` but `lora.{key}` is empty; list its "
-                              f"projections, e.g. lora.{key}=[{', '.join(FLAT_DEFAULTS['lora.' + key])}], or drop `{group}`")
+                              f"projections, e.g. lora.{key}=[{example}], or drop `{group}`")
     return cfg
 
 
