@@ -17,6 +17,9 @@ Decisions:
   CPU, as train.py. A LoRA adapter (train.py's final/adapter) is loaded onto its base model and merged.
 """
 import argparse
+import math
+import os
+import re
 import sys
 
 import torch
@@ -64,13 +67,31 @@ def parse_args(argv):
     return args
 
 
-def load_adapter(model, folder):
+def load_adapter(model, folder, model_folder=None):
     """Wrap the layers a PEFT-layout adapter folder (train.py's final/adapter) names and load its weights.
-    Returns the wrapped layer names. Every file is read inside the folder, with a checked header."""
+    Returns the wrapped layer names. Every file is read inside the folder, with a checked header, and every
+    field and shape checked first; an adapter made for another model folder than model_folder is refused."""
     fix = "an adapter folder holds adapter_config.json and adapter_model.safetensors, as train.py writes them"
-    config = read_json(file_inside(folder, "adapter_config.json", "adapter config"), fix)
+    config_path = file_inside(folder, "adapter_config.json", "adapter config")
+    config = read_json(config_path, fix)
+    if model_folder:
+        check_base(folder, config.get("base_model_name_or_path"), model_folder)
+    r, alpha = config.get("r"), config.get("lora_alpha")
+    if type(r) is not int or not 1 <= r <= 1 << 16 or type(alpha) not in (int, float) or not math.isfinite(alpha):
+        raise ChatError(f"{config_path}: r must be a whole number from 1 and lora_alpha a finite number, got "
+                        f"r={r!r:.30}, lora_alpha={alpha!r:.30}; {fix}")
     path = file_inside(folder, "adapter_model.safetensors", "adapter weights")
-    shapes = safetensors_header(path, fix)
+    shapes, linears = safetensors_header(path, fix), dict(model.named_modules())
+    pattern = re.compile(re.escape(lora.PEFT_PREFIX) + r"(.+)\.lora_([AB])\.weight")
+    for key, shape in shapes.items():  # each names a linear layer of this model, in the shape r implies
+        match = pattern.fullmatch(key)
+        base = linears.get(match[1]) if match else None
+        if not isinstance(base, torch.nn.Linear):
+            raise ChatError(f"{path}: tensor {key!r:.100} is not the LoRA weight of a linear layer of this model")
+        want = [r, base.in_features] if match[2] == "A" else [base.out_features, r]
+        if list(shape) != want or f"{lora.PEFT_PREFIX}{match[1]}.lora_{'BA'[match[2] == 'B']}.weight" not in shapes:
+            raise ChatError(f"{path}: tensor {key} has shape {list(shape)}, but r={r} and the layer imply {want}, "
+                            "with its lora_A and lora_B pair")
     names = sorted({key[len(lora.PEFT_PREFIX):].rsplit(".lora_", 1)[0] for key in shapes})
     for name in names:
         layer = lora.LoRALinear(model.get_submodule(name), config["r"], config["lora_alpha"],
@@ -81,6 +102,19 @@ def load_adapter(model, folder):
             layer.lora_A.copy_(tensors[f"{lora.PEFT_PREFIX}{name}.lora_A.weight"])
             layer.lora_B.copy_(tensors[f"{lora.PEFT_PREFIX}{name}.lora_B.weight"])
     return names
+
+
+def check_base(folder, base, model_folder):
+    """Refuse an adapter given to a model that already holds it merged (train.py's final/ and its adapter/),
+    or to another model folder than the base its adapter_config.json names, when that folder exists."""
+    real = os.path.realpath(model_folder)
+    if os.path.dirname(os.path.realpath(folder)) == real:
+        raise ChatError(f"{model_folder} already holds this adapter, merged (train.py writes final/ merged, the "
+                        "adapter alone in adapter/); drop --adapter, or give the base model it names in "
+                        "adapter_config.json")
+    if isinstance(base, str) and os.path.isdir(base) and os.path.realpath(base) != real:
+        raise ChatError(f"it was trained on {base} (base_model_name_or_path in adapter_config.json), not on "
+                        f"{model_folder}; give that model folder, or drop --adapter")
 
 
 def load(args):
@@ -101,7 +135,9 @@ def load(args):
     checkpoint.check_fits(model, tokenizer, args.model, 1, 0)  # the tokenizer's ids within the embeddings
     if args.adapter:
         try:
-            load_adapter(model, args.adapter)
+            load_adapter(model, args.adapter, checkpoint.resolve(args.model))
+        except ChatError as e:
+            raise ChatError(f"--adapter {args.adapter}: {e}") from None
         except (ValueError, OSError, KeyError, TypeError, AttributeError, SafetensorError) as e:
             raise ChatError(f"--adapter {args.adapter}: {e}; is it an adapter of {args.model}?") from None
         lora.merge_lora(model)

@@ -6,8 +6,10 @@ import shlex
 import shutil
 
 import pytest
+import torch
 
-from minorpo import config, tiny
+from minorpo import checkpoint, config, lora, tiny
+from minorpo.files import save_safetensors
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ORPO = os.path.join(ROOT, "presets", "orpo.yml")
@@ -47,3 +49,51 @@ def test_chat_without_im_end_names_the_tokenizer_file_and_its_own_option(tiny_mo
     one_line_error(runs["chatml"], f"{model}/tokenizer.json", "<|im_end|>", "--template raw")
     assert "data.template" not in runs["chatml"].stderr
     assert runs["raw"].returncode == 0, runs["raw"].stderr  # the fix it names works
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_model, tmp_path_factory):
+    """A LoRA run's final/ as train.py writes it: the merged model, the adapter alone in adapter/."""
+    final = tmp_path_factory.mktemp("lora-run") / "final"
+    model = checkpoint.load_model(tiny_model)
+    lora.inject_lora(model, rank=4, alpha=8, targets=("gate_proj", "up_proj", "down_proj"))
+    with torch.no_grad():
+        for layer in lora.lora_layers(model).values():
+            layer.lora_B.normal_(0, 0.5, generator=torch.Generator().manual_seed(0))
+    lora.save_adapter(model, str(final / "adapter"), base_model_name=os.path.abspath(tiny_model))
+    checkpoint.write_model(lora.merge_lora(model), str(final), tokenizer_from=tiny_model)
+    return final
+
+
+def adapter_copy(trained, to, config=None, tensors=None):
+    shutil.copytree(trained / "adapter", to)
+    if config:
+        path = to / "adapter_config.json"
+        path.write_text(json.dumps({**json.loads(path.read_text()), **config}))
+    if tensors:
+        save_safetensors(tensors, str(to / "adapter_model.safetensors"))
+    return to
+
+
+def test_chat_checks_every_adapter_and_never_merges_one_twice(tiny_model, trained, tmp_path, run_many,
+                                                             one_line_error):
+    layer = "base_model.model.model.layers.0.mlp.gate_proj"
+    cases = {  # name: (model, adapter folder, what the error line names)
+        "merged again": (trained, trained / "adapter", ["already holds this adapter", "drop --adapter"]),
+        "copied onto final": (trained, adapter_copy(trained, tmp_path / "copy"), ["was trained on", tiny_model]),
+        "bad r": (tiny_model, adapter_copy(trained, tmp_path / "r", {"r": "4"}), ["adapter_config.json", "r='4'"]),
+        "wrong r": (tiny_model, adapter_copy(trained, tmp_path / "r8", {"r": 8}), ["has shape", "r=8"]),
+        "foreign layer": (tiny_model, adapter_copy(trained, tmp_path / "x", tensors={
+            layer.replace("gate_proj", "nothing") + ".lora_A.weight": torch.zeros(4, 64)}), ["nothing", "linear"]),
+        "half a pair": (tiny_model, adapter_copy(trained, tmp_path / "half", tensors={
+            f"{layer}.lora_A.weight": torch.zeros(4, tiny.TINY_MODEL["hidden_size"])}), ["lora_A and lora_B"]),
+    }
+    runs = {name: ["-m", "minorpo.chat", model, "--adapter", adapter] for name, (model, adapter, _) in cases.items()}
+    runs.update({"base + adapter": ["-m", "minorpo.chat", tiny_model, "--adapter", trained / "adapter"],
+                 "final alone": ["-m", "minorpo.chat", trained]})
+    done = run_many({name: [*args, "--prompt", "Sort: 3 1 2", "--max-new-tokens", "8"]
+                     for name, args in runs.items()}, timeout=180)
+    for name, (_, adapter, needles) in cases.items():
+        one_line_error(done[name], f"--adapter {adapter}", *needles)
+    assert done["base + adapter"].returncode == 0, done["base + adapter"].stderr
+    assert done["base + adapter"].stdout == done["final alone"].stdout  # merged once, as train.py merged it
