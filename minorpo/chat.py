@@ -26,7 +26,7 @@ import torch
 from safetensors import SafetensorError
 
 from minorpo import checkpoint, data, lora
-from minorpo.files import UserError, file_inside, read_json, read_tensors, safetensors_header
+from minorpo.files import UserError, file_inside, read_json, read_tensors, read_yaml, safetensors_header
 
 HELP = "[chat] /reset starts a new conversation, /exit or Ctrl-D ends it"
 
@@ -194,15 +194,34 @@ def read_message(interactive, limit=1 << 20):
     return line.rstrip("\n")
 
 
+def single_turn_note(model_folder):
+    """A note for a model trained only on single turns (the embedded demo's pairs, as its final/config.yml
+    says), shown once, when a conversation reaches its second turn; None for any other model."""
+    try:
+        tree = read_yaml(file_inside(model_folder, "config.yml"))[0] if os.path.lexists(
+            os.path.join(model_folder, "config.yml")) else {}
+    except UserError:  # not train.py's config.yml: nothing to say about the data
+        return None
+    if isinstance(tree.get("data"), dict) and tree["data"].get("path") == "tiny":
+        return (f"[chat] {model_folder} was trained on single-turn pairs (the embedded demo's, data.path: tiny): "
+                "answers to later turns are outside its training; /reset starts a new conversation")
+    return None
+
+
 def converse(model, tokenizer, args):
     """Answer args.prompt once, or read messages from stdin until /exit or end of input."""
     stop_ids, _ = data.stop_and_pad_ids(tokenizer, args.template)
     context = model.config.max_position_embeddings
     room, generator, turns = context - args.max_new_tokens, torch.Generator().manual_seed(args.seed), []
+    note = single_turn_note(checkpoint.resolve(args.model))
 
     def answer(message):
+        nonlocal note
         if args.template == "raw":  # no turns: every message stands alone
             turns.clear()
+        if turns and note:  # a second turn, to a model that never saw one: said once
+            print(note, file=sys.stderr)
+            note = None
         turns.append({"role": "user", "content": message})
         ids, dropped = fit(tokenizer, args.system, turns, room, args.template)
         if ids is None:

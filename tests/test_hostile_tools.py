@@ -97,3 +97,18 @@ def test_chat_checks_every_adapter_and_never_merges_one_twice(tiny_model, traine
         one_line_error(done[name], f"--adapter {adapter}", *needles)
     assert done["base + adapter"].returncode == 0, done["base + adapter"].stderr
     assert done["base + adapter"].stdout == done["final alone"].stdout  # merged once, as train.py merged it
+
+
+def test_chat_says_once_that_later_turns_are_outside_a_single_turn_demo_models_training(tiny_model, tmp_path,
+                                                                                       run_many):
+    demo = shutil.copytree(tiny_model, tmp_path / "final")
+    (demo / "config.yml").write_text("data:\n  path: tiny\n")  # as final/config.yml of the demo's runs says
+    (tmp_path / "stdin.txt").write_text("Sort: 3 1 2\nReverse: a b\nRepeat: c\n")
+    wrapper = ("import os, runpy, sys; os.dup2(os.open(sys.argv[1], os.O_RDONLY), 0); sys.argv[1:2] = []; "
+               "runpy.run_module('minorpo.chat', run_name='__main__')")
+    done = run_many({name: ["-c", wrapper, tmp_path / "stdin.txt", model, "--max-new-tokens", "4"]
+                     for name, model in (("demo", demo), ("other", tiny_model))}, timeout=180)
+    assert done["demo"].returncode == 0 and done["other"].returncode == 0, done["demo"].stderr
+    assert done["demo"].stderr.count("later turns are outside its training") == 1
+    assert done["demo"].stdout == done["other"].stdout  # the same weights: every message answered alike
+    assert "outside its training" not in done["other"].stderr
