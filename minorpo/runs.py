@@ -194,8 +194,8 @@ class MetricsLog:
                     bad, first = bad + 1, first or number
                 elif isinstance(row.get("step"), int) and row["step"] <= step:
                     out.write(json.dumps(row) + "\n")
-        return [f"[warning] {self.path}:{first}: {bad} unreadable line{'s' * (bad > 1)} (cut by a crash?) dropped"
-                ] if bad else []
+        what = "an unreadable line (cut by a crash?) is" if bad == 1 else f"{bad} unreadable lines, the first here, are"
+        return [f"[warning] {self.path}:{first}: {what} dropped"] if bad else []
 
     def write(self, row, eta=None):
         """Print one readable line and append the same numbers as one JSON line."""
