@@ -165,15 +165,31 @@ def main():
                     help="packed: each prompt once, pairs share rows (minorpo/packing.py) | padded: a row per answer")
     ap.add_argument("--data", choices=["protocol", "tiny"], default="protocol",
                     help="protocol: the fixed synthetic batch | tiny: the embedded default's batches on its model")
+    ap.error = lambda message: sys.exit(f"error: {message} (python bench.py --help lists the arguments)")
     a = ap.parse_args()
+    kinds = a.configs.split(",")
+    for name, value, low, high in (("--pairs", a.pairs, 1, 65536), ("--steps", a.steps, 1, 10**6),
+                                   ("--warmup", a.warmup, 0, 10**6), ("--chunk-size", a.chunk_size, 1, 1 << 20)):
+        if not low <= value <= high:
+            sys.exit(f"error: {name} {value}: use a whole number from {low} to {high}")
+    if bad := [kind for kind in kinds if kind not in ("lora", "full")]:
+        sys.exit(f"error: --configs {a.configs}: {bad[0]!r} is not a configuration; use lora, full or lora,full")
     shape = "tiny-default" if a.data == "tiny" else "tiny" if a.tiny else a.shape
     if not shape.startswith("tiny") and not torch.cuda.is_available():
         sys.exit(f"bench.py: no CUDA device; the {shape} benchmark needs a GPU. "
                  "On the CPU, run `python bench.py --tiny` (tiny shapes: checks that it runs)")
+    # CPU threads as train.py chooses them: half the cores (torch's default, one a core, is many times slower
+    # when another process shares them), unless OMP_NUM_THREADS says otherwise
+    omp = os.environ.get("OMP_NUM_THREADS", "")
+    threads = max(1, int(omp) if omp.isdigit() else (os.cpu_count() or 2) // 2)
+    torch.set_num_threads(threads)
+    print(f"[device] {threads} CPU threads ({'OMP_NUM_THREADS' if omp.isdigit() else 'half the cores'}, as "
+          "train.py chooses them)", file=sys.stderr, flush=True)
     use_compile = a.compile == "on" or (a.compile == "auto" and not shape.startswith("tiny"))
-    for kind in a.configs.split(","):
-        print(json.dumps(run(shape, kind, a.pairs, use_compile, a.grad_ckpt == "on", a.chunk_size,
-                             a.steps, a.warmup, a.layout, a.data if a.data == "tiny" else None)), flush=True)
+    for kind in kinds:
+        row = run(shape, kind, a.pairs, use_compile, a.grad_ckpt == "on", a.chunk_size,
+                  a.steps, a.warmup, a.layout, a.data if a.data == "tiny" else None)
+        print(json.dumps({**row, "cpu_threads": threads}), flush=True)
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 

@@ -175,7 +175,7 @@ def save_checkpoint(it):  # every rank calls it (FSDP gathers the shards); only 
 
 # 8. resume (or start at step 0), then the loop
 metrics_log = runs.MetricsLog(os.path.join(run_dir, "metrics.jsonl"), objective, enabled=master)
-fingerprint = runs.trajectory(config.flat(cfg), data_paths, checkpoint.weight_files(model_dir), world)
+fingerprint = runs.trajectory(config.flat(cfg), data_paths, checkpoint.fingerprint_files(model_dir), world)
 fingerprint.update({"train examples": len(train_set), "precision": "bf16" if bf16 else "fp32"})
 it, epoch, position, skipped = runkeeping.resume(train_cfg, model, optimizer, names, fingerprint,
                                                  metrics_log, log)  # all zero for a new run

@@ -17,13 +17,16 @@ Decisions:
   CPU, as train.py. A LoRA adapter (train.py's final/adapter) is loaded onto its base model and merged.
 """
 import argparse
+import math
+import os
+import re
 import sys
 
 import torch
 from safetensors import SafetensorError
 
 from minorpo import checkpoint, data, lora
-from minorpo.files import UserError, file_inside, read_json, read_tensors, safetensors_header
+from minorpo.files import UserError, file_inside, read_json, read_tensors, read_yaml, safetensors_header
 
 HELP = "[chat] /reset starts a new conversation, /exit or Ctrl-D ends it"
 
@@ -64,13 +67,31 @@ def parse_args(argv):
     return args
 
 
-def load_adapter(model, folder):
+def load_adapter(model, folder, model_folder=None):
     """Wrap the layers a PEFT-layout adapter folder (train.py's final/adapter) names and load its weights.
-    Returns the wrapped layer names. Every file is read inside the folder, with a checked header."""
+    Returns the wrapped layer names. Every file is read inside the folder, with a checked header, and every
+    field and shape checked first; an adapter made for another model folder than model_folder is refused."""
     fix = "an adapter folder holds adapter_config.json and adapter_model.safetensors, as train.py writes them"
-    config = read_json(file_inside(folder, "adapter_config.json", "adapter config"), fix)
+    config_path = file_inside(folder, "adapter_config.json", "adapter config")
+    config = read_json(config_path, fix)
+    if model_folder:
+        check_base(folder, config.get("base_model_name_or_path"), model_folder)
+    r, alpha = config.get("r"), config.get("lora_alpha")
+    if type(r) is not int or not 1 <= r <= 1 << 16 or type(alpha) not in (int, float) or not math.isfinite(alpha):
+        raise ChatError(f"{config_path}: r must be a whole number from 1 and lora_alpha a finite number, got "
+                        f"r={r!r:.30}, lora_alpha={alpha!r:.30}; {fix}")
     path = file_inside(folder, "adapter_model.safetensors", "adapter weights")
-    shapes = safetensors_header(path, fix)
+    shapes, linears = safetensors_header(path, fix), dict(model.named_modules())
+    pattern = re.compile(re.escape(lora.PEFT_PREFIX) + r"(.+)\.lora_([AB])\.weight")
+    for key, shape in shapes.items():  # each names a linear layer of this model, in the shape r implies
+        match = pattern.fullmatch(key)
+        base = linears.get(match[1]) if match else None
+        if not isinstance(base, torch.nn.Linear):
+            raise ChatError(f"{path}: tensor {key!r:.100} is not the LoRA weight of a linear layer of this model")
+        want = [r, base.in_features] if match[2] == "A" else [base.out_features, r]
+        if list(shape) != want or f"{lora.PEFT_PREFIX}{match[1]}.lora_{'BA'[match[2] == 'B']}.weight" not in shapes:
+            raise ChatError(f"{path}: tensor {key} has shape {list(shape)}, but r={r} and the layer imply {want}, "
+                            "with its lora_A and lora_B pair")
     names = sorted({key[len(lora.PEFT_PREFIX):].rsplit(".lora_", 1)[0] for key in shapes})
     for name in names:
         layer = lora.LoRALinear(model.get_submodule(name), config["r"], config["lora_alpha"],
@@ -83,19 +104,40 @@ def load_adapter(model, folder):
     return names
 
 
+def check_base(folder, base, model_folder):
+    """Refuse an adapter given to a model that already holds it merged (train.py's final/ and its adapter/),
+    or to another model folder than the base its adapter_config.json names, when that folder exists."""
+    real = os.path.realpath(model_folder)
+    if os.path.dirname(os.path.realpath(folder)) == real:
+        raise ChatError(f"{model_folder} already holds this adapter, merged (train.py writes final/ merged, the "
+                        "adapter alone in adapter/); drop --adapter, or give the base model it names in "
+                        "adapter_config.json")
+    if isinstance(base, str) and os.path.isdir(base) and os.path.realpath(base) != real:
+        raise ChatError(f"it was trained on {base} (base_model_name_or_path in adapter_config.json), not on "
+                        f"{model_folder}; give that model folder, or drop --adapter")
+
+
 def load(args):
     """(model, tokenizer) for args.model, with args.adapter merged in, in eval mode on its device."""
     on_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
     model = checkpoint.load_model(args.model, torch.bfloat16 if on_cuda else torch.float32,
                                   "cuda" if on_cuda else "cpu")
     tokenizer = data.load_tokenizer(checkpoint.resolve(args.model))
+    needed = ("<|im_start|>", "<|im_end|>", "<|endoftext|>") if args.template == "chatml" else ("<|endoftext|>",)
+    if missing := [token for token in needed if tokenizer.token_to_id(token) is None]:
+        fix = "use --template raw (prompt + answer, for a base model)" if args.template == "chatml" else \
+            "a raw prompt ends at it; this tokenizer belongs to no model chat can talk to"
+        raise ChatError(f"{checkpoint.resolve(args.model)}/tokenizer.json: no {missing[0]} token, which "
+                        f"--template {args.template} needs; {fix}")
     if args.max_new_tokens >= model.config.max_position_embeddings:
         raise ChatError(f"--max-new-tokens {args.max_new_tokens} leaves no room for a prompt in the model's "
                         f"{model.config.max_position_embeddings} positions; lower it")
     checkpoint.check_fits(model, tokenizer, args.model, 1, 0)  # the tokenizer's ids within the embeddings
     if args.adapter:
         try:
-            load_adapter(model, args.adapter)
+            load_adapter(model, args.adapter, checkpoint.resolve(args.model))
+        except ChatError as e:
+            raise ChatError(f"--adapter {args.adapter}: {e}") from None
         except (ValueError, OSError, KeyError, TypeError, AttributeError, SafetensorError) as e:
             raise ChatError(f"--adapter {args.adapter}: {e}; is it an adapter of {args.model}?") from None
         lora.merge_lora(model)
@@ -152,15 +194,34 @@ def read_message(interactive, limit=1 << 20):
     return line.rstrip("\n")
 
 
+def single_turn_note(model_folder):
+    """A note for a model trained only on single turns (the embedded demo's pairs, as its final/config.yml
+    says), shown once, when a conversation reaches its second turn; None for any other model."""
+    try:
+        tree = read_yaml(file_inside(model_folder, "config.yml"))[0] if os.path.lexists(
+            os.path.join(model_folder, "config.yml")) else {}
+    except UserError:  # not train.py's config.yml: nothing to say about the data
+        return None
+    if isinstance(tree.get("data"), dict) and tree["data"].get("path") == "tiny":
+        return (f"[chat] {model_folder} was trained on single-turn pairs (the embedded demo's, data.path: tiny): "
+                "answers to later turns are outside its training; /reset starts a new conversation")
+    return None
+
+
 def converse(model, tokenizer, args):
     """Answer args.prompt once, or read messages from stdin until /exit or end of input."""
     stop_ids, _ = data.stop_and_pad_ids(tokenizer, args.template)
     context = model.config.max_position_embeddings
     room, generator, turns = context - args.max_new_tokens, torch.Generator().manual_seed(args.seed), []
+    note = single_turn_note(checkpoint.resolve(args.model))
 
     def answer(message):
+        nonlocal note
         if args.template == "raw":  # no turns: every message stands alone
             turns.clear()
+        if turns and note:  # a second turn, to a model that never saw one: said once
+            print(note, file=sys.stderr)
+            note = None
         turns.append({"role": "user", "content": message})
         ids, dropped = fit(tokenizer, args.system, turns, room, args.template)
         if ids is None:

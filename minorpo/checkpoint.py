@@ -178,6 +178,13 @@ def weight_files(folder):
     raise CheckpointError(f"{folder}: no weights, expected {WEIGHTS} or {INDEX}{hint}")
 
 
+def fingerprint_files(folder):
+    """{what: [real paths]} of what decides a run's trajectory besides its settings: the weights, config.json
+    (rope_theta, rms_norm_eps, ...) and tokenizer.json (how the data is split into ids)."""
+    return {"base model": weight_files(folder), "base model config.json": [model_file(folder, CONFIG)],
+            "base model tokenizer.json": [model_file(folder, "tokenizer.json", "tokenizer")]}
+
+
 def expected_shapes(cfg):
     """{checkpoint tensor name: shape} of a model with config cfg; a tied model stores no lm_head.weight."""
     with torch.device("meta"):  # one position: the RoPE tables, built on the CPU, hold no tensor that is saved
@@ -231,8 +238,9 @@ def load_model(folder_or_name, dtype=torch.float32, device="cpu"):
     check_tensors(expected_shapes(cfg), found, next(iter(headers)) if len(headers) == 1 else f"{folder}/{INDEX}")
     with torch.device("meta"):
         model = MODELS[cfg.model_type][1](cfg)  # shapes only: no memory, no random initialisation
-    state = {model_key(name, cfg): tensor for path, header in headers.items()
-             for name, tensor in read_tensors(path, [n for n in header if model_key(n, cfg) in found], dtype, device)}
+    state = {model_key(name, cfg): tensor for path, header in headers.items()  # each checked finite
+             for name, tensor in read_tensors(path, [n for n in header if model_key(n, cfg) in found], dtype,
+                                              device, FIX)}
     model.load_state_dict(state, strict=not cfg.tie_word_embeddings, assign=True)  # check_tensors checked the keys
     if cfg.tie_word_embeddings:  # assign=True replaced the embedding Parameter: the head is it again
         model.lm_head.weight = model.model.embed_tokens.weight

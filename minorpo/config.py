@@ -54,6 +54,8 @@ CHOICES = {key: [word.split()[0].rstrip(":") for word in comment.split(" | ")]
 INTERVAL = re.compile(r"([\[(])(-?[\d.e+]+), (-?[\d.e+]+)([\])])")  # (0, 1] in a comment
 RANGES = {key: match for key, (_, comment) in HELP.items() if (match := INTERVAL.search(comment))}
 NULLABLE = {"training.orpo_lambda": float, "training.resume_from": str, "data.eval_path": str}  # None or this
+EXAMPLES = {"training.phases": "'training.phases=[{step: 0, trainable: [lora, attn_lora]}, "
+                               "{step: 200, trainable: [lora, attn_lora, norm]}]'  (steps from 0 upwards)"}
 GROUPS = ("lora", "attn_lora", "embed", "norm", "head", "all")  # trainable groups (minorpo/lora.py)
 
 
@@ -126,6 +128,11 @@ def validate(cfg, given, where):
     if not (steps and steps[0] == 0 and steps == sorted(set(steps))):  # from 0, strictly increasing
         raise ConfigError(f"{where}: `training.phases` must be a list like [{{step: 0, trainable: [lora]}}] with steps "
                           f"from 0 upwards and groups from {', '.join(GROUPS)}; got {shown(phases)}")
+    for group, key in (("lora", "targets"), ("attn_lora", "attn_targets")):  # a group of no layers trains nothing
+        example = ", ".join(FLAT_DEFAULTS[f"lora.{key}"])
+        if not cfg["lora"][key] and any(group in p["trainable"] for p in phases):
+            raise ConfigError(f"{where}: `training.phases` trains `{group}` but `lora.{key}` is empty; list its "
+                              f"projections, e.g. lora.{key}=[{example}], or drop `{group}`")
     return cfg
 
 
@@ -169,5 +176,10 @@ def help_text():
     lines = ["usage: python train.py PRESET.yml [key=value ...]", "", "presets:"]
     lines += [f"  presets/{name}" for name in sorted(os.listdir(PRESETS)) if name.endswith(".yml")]
     lines += ["", "keys, with their values in presets/orpo.yml (override any with key=value):"]
-    lines += [f"  {key}={value or '...'}".ljust(40) + f" {comment}" for key, (value, comment) in HELP.items()]
+    for key, (value, comment) in HELP.items():
+        lines.append(f"  {key}={value or '...'}".ljust(40) + f" {comment}")
+        if key in EXAMPLES:  # a value that is not one word: its syntax, as a shell takes it
+            lines.append(f"      e.g. {EXAMPLES[key]}")
+    lines += ["", "values are YAML (true, 3, 1e-4, [q_proj, v_proj]); quote an override that holds spaces, "
+              "brackets or braces"]
     return "\n".join(lines)

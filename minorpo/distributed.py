@@ -16,12 +16,64 @@ Decisions:
 import contextlib
 import datetime
 import os
+import re
+import socket
+import time
 
 import torch
 import torch.distributed as dist
 
 from minorpo import lora
 from minorpo.config import ConfigError
+
+
+def _launch_env(on_cuda):
+    """(rank, world, address, port) from the variables torchrun sets, each checked: one line for a leftover."""
+    needed = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") + (("LOCAL_RANK",) if on_cuda else ())
+    fix = ("unset RANK and WORLD_SIZE to train in one process, or start every rank with torchrun "
+           "--nproc_per_node=N train.py ...")
+    for name in needed:
+        if not os.environ.get(name):
+            raise ConfigError(f"RANK is set but {name} is not: train.py was not started by torchrun (a leftover "
+                              f"environment?); {fix}")
+    for name in set(needed) - {"MASTER_ADDR"}:
+        if not os.environ[name].isdigit():
+            raise ConfigError(f"{name}={os.environ[name][:40]!r} is not a whole number; {fix}")
+    rank, world, port = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["MASTER_PORT"])
+    if not rank < world or not 0 < port < 65536:
+        raise ConfigError(f"RANK={rank}, WORLD_SIZE={world}, MASTER_PORT={port}: a rank is below WORLD_SIZE and a "
+                          f"port in 1 .. 65535; {fix}")
+    return rank, world, os.environ["MASTER_ADDR"], port
+
+
+def _join(backend, timeout):
+    """The process group without torchrun (RANK and the rest set by hand or by a scheduler): wait a bounded
+    time, saying for what, for every rank to reach MASTER_ADDR:MASTER_PORT, instead of an hour in silence."""
+    rank, world, address, port = _launch_env(backend == "nccl")
+    text = os.environ.get("MINORPO_RENDEZVOUS_TIMEOUT") or "300"
+    wait = float(text) if re.fullmatch(r"\d{1,6}(\.\d*)?", text) and float(text) > 0 else None
+    if wait is None:
+        raise ConfigError(f"MINORPO_RENDEZVOUS_TIMEOUT={text[:40]!r}: give the seconds to wait, e.g. 300")
+    print(f"[distributed] rank {rank} of {world}, without torchrun: waiting up to {wait:.0f} s for all {world} "
+          f"ranks to join at {address}:{port} (MINORPO_RENDEZVOUS_TIMEOUT sets the wait)", flush=True)
+    deadline = time.monotonic() + wait
+    try:
+        while rank:  # torch's own retries print C++ stack traces: reach rank 0's store quietly first
+            try:
+                socket.create_connection((address, port), timeout=max(1.0, deadline - time.monotonic())).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"nothing answers at {address}:{port}") from None
+                time.sleep(0.5)
+        store = dist.TCPStore(address, port, world, is_master=rank == 0, timeout=datetime.timedelta(seconds=wait))
+    except (RuntimeError, ValueError, OSError) as e:  # DistStoreError, DistNetworkError: RuntimeErrors
+        raise ConfigError(f"rank {rank} of {world}: the other ranks did not join at {address}:{port} within "
+                          f"{wait:.0f} s ({str(e).splitlines()[0][:120]}); start every rank, with torchrun or "
+                          "the same RANK/WORLD_SIZE/MASTER_* settings, or unset RANK and WORLD_SIZE to train "
+                          "in one process") from None
+    store.set_timeout(timeout)
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout)
 
 
 def setup(fsdp, on_cuda):
@@ -32,7 +84,11 @@ def setup(fsdp, on_cuda):
             raise ConfigError("training.fsdp=true needs torchrun: torchrun --nproc_per_node=N train.py ...")
         return False, 0, 1, "cuda" if on_cuda else "cpu"
     # rank 0 alone writes checkpoints while the others wait at the next collective: allow for big ones
-    dist.init_process_group("nccl" if on_cuda else "gloo", timeout=datetime.timedelta(hours=1))
+    timeout, backend = datetime.timedelta(hours=1), "nccl" if on_cuda else "gloo"
+    if "TORCHELASTIC_RUN_ID" in os.environ:  # torchrun: its agent holds the rendezvous
+        dist.init_process_group(backend, timeout=timeout)
+    else:
+        _join(backend, timeout)
     device = f"cuda:{os.environ['LOCAL_RANK']}" if on_cuda else "cpu"
     if on_cuda:
         torch.cuda.set_device(device)

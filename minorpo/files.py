@@ -148,13 +148,33 @@ def safetensors_header(path, fix):
     return {name: shape for name, (dtype, shape) in header.items()}
 
 
-def read_tensors(path, names, dtype=None, device="cpu"):
+def read_tensors(path, names, dtype=None, device="cpu", fix="download or copy the file again"):
     """Yield (name, tensor) for `names` of a file checked by safetensors_header, one at a time, each a copy
-    (in dtype, on device): a view of the memory-mapped file would die if the file were rewritten."""
+    (in dtype, on device): a view of the memory-mapped file would die if the file were rewritten. A tensor
+    holding NaN or inf is a UserError naming the file and tensor: it would train to NaN hours later."""
     with safe_open(path, framework="pt") as f:
         for name in names:
             tensor = f.get_tensor(name)
-            yield name, tensor.to(device=device, dtype=dtype or tensor.dtype, copy=True)
+            tensor = tensor.to(device=device, dtype=dtype or tensor.dtype, copy=True)
+            flat = tensor.reshape(-1)  # checked in pieces: the mask of a big embedding costs no big allocation
+            if tensor.is_floating_point() and not all(torch.isfinite(flat[i:i + (1 << 24)]).all()
+                                                      for i in range(0, flat.numel(), 1 << 24)):
+                raise UserError(f"{path}: tensor {name} holds NaN or inf; a model or checkpoint holds finite "
+                                f"values only: {fix}")
+            yield name, tensor
+
+
+@contextlib.contextmanager
+def naming(path, tmp=None):
+    """An OSError gets the path the user knows: `path` when it has no file name (a full disk or a file-size
+    limit is raised by a write, which names no file), `path` + the rest of a name inside the temporary `tmp`."""
+    try:
+        yield
+    except OSError as e:
+        name = e.filename if isinstance(e.filename, str) else None
+        if not e.errno or name and not (tmp and name.startswith(tmp)):
+            raise
+        raise OSError(e.errno, e.strerror, path + name[len(tmp):] if name else path) from None
 
 
 @contextlib.contextmanager
@@ -164,9 +184,11 @@ def atomic_folder(path):
     path = os.path.abspath(path)
     stem = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{uuid.uuid4().hex[:8]}")
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    os.mkdir(stem + ".tmp")
+    with naming(path, stem + ".tmp"):
+        os.mkdir(stem + ".tmp")
     try:
-        yield stem + ".tmp"
+        with naming(path, stem + ".tmp"):
+            yield stem + ".tmp"
     except BaseException:
         shutil.rmtree(stem + ".tmp", ignore_errors=True)
         raise
@@ -178,17 +200,24 @@ def atomic_folder(path):
         os.rename(stem + ".tmp", path)
 
 
-def atomic_write(path, text):
-    """Write text to path through a temporary sibling file and a rename."""
+@contextlib.contextmanager
+def atomic_file(path):
+    """Yield a text file to write, a temporary sibling of path renamed onto it when the block ends without error."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.{uuid.uuid4().hex[:8]}.tmp"
     try:
-        with open(tmp, "w") as f:
-            f.write(text)
+        with naming(path, tmp), open(tmp, "w") as f:
+            yield f
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def atomic_write(path, text):
+    """Write text to path through a temporary sibling file and a rename."""
+    with atomic_file(path) as f:
+        f.write(text)
 
 
 def save_safetensors(tensors, path, metadata=None):
@@ -205,7 +234,7 @@ def save_safetensors(tensors, path, metadata=None):
         offset += t.nbytes
     header_bytes = json.dumps(header).encode()
     header_bytes += b" " * (-len(header_bytes) % 8)  # the format pads the header to 8-byte alignment
-    with open(path, "wb") as f:
+    with naming(path), open(path, "wb") as f:  # a full disk names the file
         f.write(struct.pack("<Q", len(header_bytes)) + header_bytes)
         for t in tensors.values():
             f.write(ctypes.string_at(t.data_ptr(), t.nbytes))  # a copy of the raw bytes

@@ -14,6 +14,7 @@ Decisions:
 - Every write is atomic (files.py): a killed run leaves complete files and temporary names, which recover()
   removes at the next start, putting an interrupted folder swap back.
 """
+import errno
 import hashlib
 import json
 import os
@@ -22,14 +23,16 @@ import shutil
 import signal
 import sys
 import time
+import uuid
 
 import torch
 
-from minorpo.files import UserError, atomic_write
+from minorpo.files import UserError, atomic_file, naming
 
 STEP = re.compile(r"^step_(\d{6,})$")
 # the temporary names files.atomic_folder (.name.1234abcd.tmp/.old) and atomic_write (name.1234abcd.tmp) use here
 LEFTOVER = re.compile(r"^(?:\.(final|step_\d{6,})|(config\.yml|metrics\.jsonl|metrics\.svg))\.[0-9a-f]{8}\.(tmp|old)$")
+CHECKPOINT_FILES = {"weights.safetensors", "optimizer.safetensors", "state.json"}  # what state.save writes
 RESUMABLE = ("run_name", "output_dir", "model_name", "device", "data.path", "data.eval_path",
              "training.max_steps", "training.log_every", "training.eval_every", "training.save_every",
              "training.keep_checkpoints", "training.resume_from", "training.max_bad_steps", "training.compile",
@@ -38,9 +41,11 @@ RESUMABLE = ("run_name", "output_dir", "model_name", "device", "data.path", "dat
 
 
 def checkpoints(run_dir):
-    """The complete step_NNNNNN checkpoints of a run folder, oldest first."""
-    names = sorted(os.listdir(run_dir)) if os.path.isdir(run_dir) else []
-    paths = [os.path.join(run_dir, n) for n in names if STEP.match(n)]
+    """The complete step_NNNNNN checkpoints of a run folder, oldest first: by step, not by name
+    (step_1000000 sorts before step_999999 as text)."""
+    names = sorted((n for n in os.listdir(run_dir) if STEP.match(n)), key=lambda n: int(STEP.match(n)[1])) \
+        if os.path.isdir(run_dir) else []
+    paths = [os.path.join(run_dir, n) for n in names]
     return [p for p in paths if not os.path.islink(p) and os.path.isfile(os.path.join(p, "state.json"))]
 
 
@@ -77,6 +82,14 @@ def recover(run_dir):
     done = []
     for name in sorted(os.listdir(run_dir)) if os.path.isdir(run_dir) else []:
         match, path = LEFTOVER.match(name), os.path.join(run_dir, name)
+        if STEP.match(name) and os.path.isdir(path) and not os.path.islink(path) \
+                and not os.path.lexists(os.path.join(path, "state.json")):  # a deletion killed halfway
+            if set(os.listdir(path)) <= CHECKPOINT_FILES:
+                shutil.rmtree(path)
+                done.append(f"[recover] removed {path}: a checkpoint without state.json, left by a killed deletion")
+            else:
+                done.append(f"[recover] {path} has no state.json, so it is no checkpoint, and holds files minorpo "
+                            "does not write: left as it is; move it out of the run folder")
         if not match or os.path.islink(path) or match[2] and match[3] == "old":
             continue  # never ours: atomic_write leaves no .old, and neither writes links
         target = os.path.join(run_dir, match[1] or match[2])
@@ -90,10 +103,13 @@ def recover(run_dir):
 
 
 def rotate(run_dir, keep, protect=None):
-    """Delete all but the last `keep` checkpoints, never `protect` (the one this run resumed from)."""
+    """Delete all but the last `keep` checkpoints, never `protect` (the one this run resumed from). Each is
+    renamed to a temporary name first (atomic), so a kill mid-delete leaves a name recover() removes."""
     for folder in checkpoints(run_dir)[:-keep]:
         if not (protect and os.path.realpath(folder) == os.path.realpath(protect)):
-            shutil.rmtree(folder)
+            doomed = os.path.join(run_dir, f".{os.path.basename(folder)}.{uuid.uuid4().hex[:8]}.tmp")
+            os.rename(folder, doomed)
+            shutil.rmtree(doomed)
 
 
 def file_hash(path, sample_above=1 << 26):
@@ -113,11 +129,24 @@ def file_hash(path, sample_above=1 << 26):
 
 
 def trajectory(flat_cfg, data_paths, model_files, world):
-    """What a checkpoint must agree on with the run that resumes it (flat keys, JSON values)."""
+    """What a checkpoint must agree on with the run that resumes it (flat keys, JSON values). model_files:
+    {what: [paths]} (checkpoint.fingerprint_files: weights, config.json, tokenizer.json), or the weight files."""
+    models = model_files if isinstance(model_files, dict) else {"base model": model_files}
     return {**{k: v for k, v in flat_cfg.items() if k not in RESUMABLE},
             "data": "".join(file_hash(p, sample_above=None) for p in data_paths),  # every byte: it is read anyway
-            "base model": file_hash(model_files[0]) + "".join(file_hash(p)[:4] for p in model_files[1:]),
+            **{what: file_hash(paths[0]) + "".join(file_hash(p)[:4] for p in paths[1:]) for what, paths in
+               models.items()},
             "ranks": world}
+
+
+def _skip_hole(f):
+    """Move a binary file past a hole (unwritten zero bytes of a sparse file) at its position, if it has one."""
+    if hasattr(os, "SEEK_DATA"):
+        try:
+            f.seek(os.lseek(f.fileno(), f.tell(), os.SEEK_DATA))
+        except OSError as e:  # ENXIO: a hole to the end; anything else: no SEEK_DATA here, read the zeros
+            if e.errno == errno.ENXIO:
+                f.seek(0, os.SEEK_END)
 
 
 class MetricsLog:
@@ -143,22 +172,30 @@ class MetricsLog:
         self.sums, self.tokens, self.pending, self.since = {}, 0, 0, time.time()
         return row
 
-    def keep_up_to(self, step):
-        """On resume: keep the rows up to the checkpoint's step; a line cut by a crash is dropped."""
+    def keep_up_to(self, step, max_line=1 << 20):
+        """On resume: keep the rows up to the checkpoint's step, copied line by line; a line cut by a crash, or
+        longer than any row (a crash can leave gigabytes of zero bytes), is dropped: memory stays one line."""
         if not self.enabled or not os.path.isfile(self.path):
             return []
-        rows, warnings = [], []
-        with open(self.path, encoding="utf-8", errors="replace") as f:
-            for number, line in enumerate(f, 1):
-                try:
-                    row = json.loads(line)
-                except (ValueError, RecursionError):  # a cut line, or one no run of ours wrote
-                    warnings.append(f"[warning] {self.path}:{number}: an unreadable line (cut by a crash?) is dropped")
-                    continue
-                if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= step:
-                    rows.append(json.dumps(row) + "\n")
-        atomic_write(self.path, "".join(rows))
-        return warnings
+        bad, first = 0, None
+        with open(self.path, "rb") as f, atomic_file(self.path) as out:
+            for number, line in enumerate(iter(lambda: f.readline(max_line + 1), b""), 1):
+                row = None
+                if len(line) > max_line:  # read past the rest of it in pieces
+                    while line and not line.endswith(b"\n"):
+                        _skip_hole(f)
+                        line = f.readline(max_line)
+                else:
+                    try:
+                        row = json.loads(line)
+                    except (ValueError, RecursionError):  # a cut line, or one no run of ours wrote
+                        pass
+                if not isinstance(row, dict):
+                    bad, first = bad + 1, first or number
+                elif isinstance(row.get("step"), int) and row["step"] <= step:
+                    out.write(json.dumps(row) + "\n")
+        what = "an unreadable line (cut by a crash?) is" if bad == 1 else f"{bad} unreadable lines, the first here, are"
+        return [f"[warning] {self.path}:{first}: {what} dropped"] if bad else []
 
     def write(self, row, eta=None):
         """Print one readable line and append the same numbers as one JSON line."""
@@ -177,7 +214,7 @@ class MetricsLog:
                      f" | rejected {row['eval/rejected_logps']:.3f}")
         if self.enabled:
             print(line, flush=True)
-            with open(self.path, "a") as f:
+            with naming(self.path), open(self.path, "a") as f:  # a full disk names the file
                 f.write(json.dumps(row) + "\n")
 
     def progress(self, step, max_steps, metrics, elapsed):

@@ -58,7 +58,7 @@ def save(folder, model, optimizer, names, meta, write=True):
 
 def _tensors(folder, name):
     path = file_inside(folder, name, "checkpoint file")
-    return path, dict(read_tensors(path, safetensors_header(path, FIX)))
+    return path, dict(read_tensors(path, safetensors_header(path, FIX), fix=FIX))
 
 
 def load(folder, model, optimizer, names, expect):

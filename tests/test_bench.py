@@ -55,3 +55,21 @@ def test_without_a_gpu_bench_says_so_in_one_line_and_points_to_tiny(run_limited,
     p = run_limited(["bench.py"], timeout=60, memory_gb=3)  # the 0.6B model would not fit: it must not be built
     one_line_error(p, "no CUDA device", "--tiny")
     assert len(p.stderr.strip().splitlines()) == 1, p.stderr
+
+
+def test_threads_follow_train_py_and_every_argument_is_checked(run_many, run_limited, one_line_error):
+    runs = run_many({"omp": ["bench.py", "--tiny", "--configs", "lora", "--steps", "1", "--warmup", "0"],
+                     "misspelt": ["bench.py", "--tiny", "--configs", "lora,ful"],
+                     "no steps": ["bench.py", "--tiny", "--steps", "0"],
+                     "bad shape": ["bench.py", "--shape", "qwen9"]}, timeout=120)
+    assert runs["omp"].returncode == 0, runs["omp"].stderr[-2000:]
+    assert "[device] 1 CPU threads (OMP_NUM_THREADS" in runs["omp"].stderr  # the tests set OMP_NUM_THREADS=1
+    assert [json.loads(line)["cpu_threads"] for line in runs["omp"].stdout.splitlines()] == [1]
+    unset = run_limited(["bench.py", "--tiny", "--configs", "lora", "--steps", "1", "--warmup", "0"],
+                        env={"OMP_NUM_THREADS": ""}, timeout=120)
+    half = max(1, (os.cpu_count() or 2) // 2)
+    assert f"[device] {half} CPU threads (half the cores" in unset.stderr and f'"cpu_threads": {half}' in unset.stdout
+    one_line_error(runs["misspelt"], "--configs lora,ful", "'ful'", "lora, full")
+    one_line_error(runs["no steps"], "--steps 0")
+    one_line_error(runs["bad shape"], "--shape", "qwen9")
+    assert not any(p.stdout for name, p in runs.items() if name != "omp")  # nothing ran under a wrong name

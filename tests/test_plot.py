@@ -152,9 +152,72 @@ def test_cli_bad_input_is_one_line_naming_the_file(tmp_path, run_limited, one_li
     assert not (tmp_path / "metrics.svg").exists()
 
 
-def test_cli_several_runs_need_out(tmp_path, run_limited, one_line_error):
+def test_cli_several_runs_without_out_write_beside_the_first_run_not_in_the_current_directory(tmp_path,
+                                                                                                run_limited):
     a, b = write_run(tmp_path / "a", orpo_rows(2)), write_run(tmp_path / "b", orpo_rows(2))
-    one_line_error(run_limited(["-m", "minorpo.plot", str(a), str(b)], cwd=tmp_path), "--out")
+    p = run_limited(["-m", "minorpo.plot", str(a), str(b)], cwd=tmp_path)
+    assert p.returncode == 0 and p.stdout.strip() == str(a / "vs-b.svg"), p.stderr
+    assert sorted(os.listdir(tmp_path)) == ["a", "b"] and sorted(os.listdir(b)) == ["metrics.jsonl"]
+    assert {"a: eval/chosen_logps", "b: eval/chosen_logps"} <= set(curves(a / "vs-b.svg"))
+
+
+def test_cli_out_replaces_only_a_plot_it_wrote(tmp_path, run_limited, run_many, one_line_error):
+    run = write_run(tmp_path / "orpo", orpo_rows(2))
+    (tmp_path / "notes.svg").write_text("<svg>the user's own drawing, minorpo training curves</svg>")
+    (tmp_path / "elsewhere.svg").write_text("kept")
+    os.symlink(tmp_path / "elsewhere.svg", tmp_path / "link.svg")
+    os.mkdir(tmp_path / "folder.svg")
+    cases = {"device": ("/dev/null", "not a regular file"), "link": (tmp_path / "link.svg", "not a regular file"),
+             "folder": (tmp_path / "folder.svg", "not a regular file"),
+             "foreign": (tmp_path / "notes.svg", "not a plot minorpo.plot wrote"),
+             "not svg": (tmp_path / "plot.png", "ending in .svg")}
+    done = run_many({name: ["-m", "minorpo.plot", run, "--out", out] for name, (out, _) in cases.items()})
+    for name, (out, needle) in cases.items():
+        one_line_error(done[name], str(out), needle)
+    assert os.path.exists("/dev/null") and not os.path.isfile("/dev/null")
+    assert (tmp_path / "notes.svg").read_text().startswith("<svg>the user's") and not (tmp_path / "plot.png").exists()
+    assert (tmp_path / "elsewhere.svg").read_text() == "kept" and os.listdir(tmp_path / "folder.svg") == []
+    for _ in range(2):  # its own plot is replaced
+        p = run_limited(["-m", "minorpo.plot", run, "--out", tmp_path / "mine.svg"])
+        assert p.returncode == 0, p.stderr
+
+
+def strokes(svg_path):
+    """{polyline title: (stroke colour, dashed)}."""
+    return {line.find(SVG + "title").text: (line.get("stroke"), line.get("stroke-dasharray") is not None)
+            for line in ET.parse(svg_path).getroot().iter(SVG + "polyline")}
+
+
+def test_colours_follow_the_run_not_the_argument_order(tmp_path):
+    orpo = write_run(tmp_path / "orpo", orpo_rows(2))
+    sft = write_run(tmp_path / "sft", [{"step": s, "train/sft_loss": 1.0 / s} for s in (1, 2)])
+    other = write_run(tmp_path / "orpo2", orpo_rows(2))
+    for order in ([orpo, sft, other], [other, sft, orpo], [sft, orpo, other]):
+        found = strokes(plot.write_svg([str(p) for p in order], str(tmp_path / "x.svg")))
+        assert found["sft: train/sft_loss"][0] == "#1f77b4"  # SFT blue
+        first_orpo = "orpo" if order.index(orpo) < order.index(other) else "orpo2"
+        second = "orpo2" if first_orpo == "orpo" else "orpo"
+        assert found[f"{first_orpo}: train/sft_loss"][0] == "#ff7f0e"  # the first ORPO run orange
+        assert found[f"{second}: train/sft_loss"][0] == "#2ca02c"  # the next free colour
+    assert "(sft)" in open(tmp_path / "x.svg").read() and "(orpo)" in open(tmp_path / "x.svg").read()
+
+
+def test_accuracy_axes_stop_at_one_and_a_by_length_panel_appears_when_logged(tmp_path):
+    rows = orpo_rows()
+    for row in rows:
+        row.update({"train/pref_accuracy": 1.0, "eval/pref_accuracy_longer": 1.0, "eval/pref_accuracy_shorter": 0.4})
+    svg = plot.write_svg(str(write_run(tmp_path / "orpo", rows)), str(tmp_path / "m.svg"))
+    found = strokes(svg)
+    assert found["orpo: eval/pref_accuracy_longer"] == ("#ff7f0e", False)
+    assert found["orpo: eval/pref_accuracy_shorter"] == ("#ff7f0e", True)
+    assert plot.BY_LENGTH[0] in texts(svg)
+    for title, curves_of in (plot.PANELS[2], plot.BY_LENGTH):
+        elements = "".join(plot.panel(0, 0, title, curves_of, [("orpo", plot.read_metrics(
+            str(tmp_path / "orpo" / "metrics.jsonl")))]))
+        labels = [float(t.split(">")[-1]) for t in elements.split("</text>") if 'text-anchor="end"' in t]
+        assert max(labels) == 1.0, (title, labels)  # not 1.2
+    assert plot.BY_LENGTH[0] not in texts(plot.write_svg(str(write_run(tmp_path / "old", orpo_rows())),
+                                                           str(tmp_path / "old.svg")))
 
 
 def test_a_wrong_argument_is_one_line(capsys):

@@ -50,3 +50,25 @@ def test_a_metrics_line_nested_too_deep_is_dropped_not_a_traceback(tmp_path):
     warnings = runs.MetricsLog(path, "orpo").keep_up_to(2)
     assert len(warnings) == 1 and ":2:" in warnings[0]
     assert open(path).read() == '{"step": 1}\n{"step": 2}\n'
+
+
+def test_checkpoints_are_ordered_by_step_and_rotation_keeps_the_newest(tmp_path):
+    run = str(tmp_path / "run")
+    for step in (999_998, 999_999, 1_000_000, 1_000_001):
+        make(f"{run}/step_{step:06d}/state.json")
+    assert [os.path.basename(p) for p in runs.checkpoints(run)] == \
+        ["step_999998", "step_999999", "step_1000000", "step_1000001"]
+    runs.rotate(run, 2)
+    assert sorted(os.listdir(run)) == ["step_1000000", "step_1000001"]  # no temporary name left either
+
+
+def test_recover_removes_a_checkpoint_whose_deletion_was_killed_and_names_a_foreign_one(tmp_path):
+    run = str(tmp_path / "run")
+    make(f"{run}/step_000002/weights.safetensors")  # rmtree killed after state.json went
+    make(f"{run}/step_000003/optimizer.safetensors")
+    make(f"{run}/step_000003/notes.txt", "the user's")
+    make(f"{run}/step_000004/state.json")
+    lines = runs.recover(run)
+    assert sorted(os.listdir(run)) == ["step_000003", "step_000004"]
+    assert os.path.exists(f"{run}/step_000003/notes.txt")
+    assert len(lines) == 2 and "step_000002" in lines[0] and "no state.json" in lines[1] and "step_000003" in lines[1]

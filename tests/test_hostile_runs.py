@@ -1,0 +1,141 @@
+"""Issue 30's hostile cases for train.py's run folder and inputs: each runs the real train.py and looks at
+the disk afterwards."""
+import json
+import os
+import shutil
+import socket
+import struct
+
+import pytest
+
+from minorpo import tiny
+
+FAST = ["training.log_every=2", "training.eval_every=0", "training.warmup_steps=2", "sample.max_new_tokens=4",
+        "training.batch_size=4"]
+
+
+def train(run_limited, out, *overrides, **kwargs):
+    return run_limited(["train.py", "presets/orpo.yml", f"output_dir={out}", *FAST, *overrides], **kwargs)
+
+
+def poison(path, tensor, value):
+    """Write `value` into the first element of an F32 tensor of a safetensors file, in place."""
+    with open(path, "r+b") as f:
+        size = struct.unpack("<Q", f.read(8))[0]
+        header = json.loads(f.read(size))
+        assert header[tensor]["dtype"] == "F32"
+        f.seek(8 + size + header[tensor]["data_offsets"][0])
+        f.write(struct.pack("<f", value))
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    return tiny.ensure_model(str(tmp_path_factory.mktemp("runs") / "tiny-model"))
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("-inf")])
+def test_a_model_whose_weights_hold_nan_or_inf_is_refused_at_load_naming_file_and_tensor(
+        tiny_model, tmp_path, run_limited, one_line_error, value):
+    model = shutil.copytree(tiny_model, tmp_path / "model")
+    poison(model / "model.safetensors", "model.embed_tokens.weight", value)  # a row no token may reach
+    p = train(run_limited, tmp_path / "out", f"model_name={model}", "training.max_steps=2")
+    one_line_error(p, f"{model}/model.safetensors", "model.embed_tokens.weight", "NaN or inf", "download")
+    assert not os.path.exists(tmp_path / "out" / "orpo" / "final")
+    assert "[save]" not in p.stdout and "step " not in p.stdout  # no training step ran
+
+
+LIMITED = """import resource, runpy, sys
+resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))  # what `ulimit -f 1024` sets; a full disk is alike
+sys.argv = ["train.py", *sys.argv[1:]]
+runpy.run_path("train.py", run_name="__main__")
+"""
+
+
+def test_a_file_size_limit_is_one_line_naming_the_path_and_leaves_no_half_folder(tmp_path, run_limited,
+                                                                                  one_line_error):
+    out = tmp_path / "out"
+    tiny.ensure_model(str(out / "tiny-model"))  # 3 MB: written here, before the limit
+    tiny.ensure_pairs(str(out / "tiny-data" / "pairs.jsonl"))
+    p = run_limited(["-c", LIMITED, "presets/orpo.yml", f"output_dir={out}", *FAST, "training.max_steps=2"])
+    one_line_error(p, "File too large", f"{out / 'orpo' / 'final' / 'model.safetensors'}")
+    assert sorted(os.listdir(out / "orpo")) == ["config.yml", "metrics.jsonl"]  # no final/, no temporary folder
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_rank_variables_without_torchrun_are_one_line_and_a_bounded_announced_wait(tmp_path, run_limited,
+                                                                                   one_line_error):
+    peer = {"MASTER_ADDR": "127.0.0.1", "MINORPO_RENDEZVOUS_TIMEOUT": "2"}
+    cases = {"leftover": {"RANK": "0", "WORLD_SIZE": "2"},
+             "rank 0 alone": {"RANK": "0", "WORLD_SIZE": "2", "MASTER_PORT": str(free_port()), **peer},
+             "rank 1 alone": {"RANK": "1", "WORLD_SIZE": "2", "MASTER_PORT": str(free_port()), **peer}}
+    jobs = {name: ["train.py", "presets/orpo.yml", f"output_dir={tmp_path / name}"] for name in cases}
+    with pytest.MonkeyPatch.context() as m:
+        for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID"):
+            m.delenv(name, raising=False)
+        done = {name: run_limited(jobs[name], env=cases[name], timeout=120) for name in cases}
+    one_line_error(done["leftover"], "RANK is set but MASTER_ADDR is not", "torchrun", "unset RANK")
+    for name in ("rank 0 alone", "rank 1 alone"):
+        port = cases[name]["MASTER_PORT"]
+        assert f"waiting up to 2 s for all 2 ranks to join at 127.0.0.1:{port}" in done[name].stdout
+        one_line_error(done[name], f"did not join at 127.0.0.1:{port} within 2 s", "unset RANK")
+    assert not any(os.path.exists(tmp_path / name) for name in cases)  # nothing written
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory, tiny_model, run_limited):
+    """A finished 4-step run of a model folder of its own, with checkpoints at steps 2 and 4."""
+    out = tmp_path_factory.mktemp("finished")
+    shutil.copytree(tiny_model, out / "model")
+    p = train(run_limited, out, f"model_name={out / 'model'}", "training.max_steps=4", "training.save_every=2")
+    assert p.returncode == 0, p.stderr[-3000:]
+    return out
+
+
+def copy_run(finished, to):
+    shutil.copytree(finished, to)
+    return to, [f"model_name={to / 'model'}", f"training.resume_from={to / 'orpo' / 'step_000004'}",
+                "training.max_steps=6", "training.save_every=2"]
+
+
+def files_of(folder):
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_resume_refuses_a_changed_config_json_or_tokenizer_json_of_the_base_model(finished, tmp_path, run_many,
+                                                                                   one_line_error):
+    runs = {name: copy_run(finished, tmp_path / name) for name in ("config.json", "tokenizer.json", "same")}
+    config = runs["config.json"][0] / "model" / "config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "rms_norm_eps": 1e-5}))
+    tokenizer = runs["tokenizer.json"][0] / "model" / "tokenizer.json"
+    tokenizer.write_text(json.dumps(json.loads(tokenizer.read_text()), indent=4))
+    before = {name: files_of(out / "orpo") for name, (out, _) in runs.items()}
+    done = run_many({name: ["train.py", "presets/orpo.yml", f"output_dir={out}", *FAST, *args]
+                     for name, (out, args) in runs.items()})
+    for name in ("config.json", "tokenizer.json"):
+        one_line_error(done[name], f"base model {name} was")
+        assert files_of(runs[name][0] / "orpo") == before[name]  # nothing rewritten
+    assert done["same"].returncode == 0, done["same"].stderr[-2000:]  # an unchanged copy continues
+    assert os.path.isdir(runs["same"][0] / "orpo" / "step_000006")
+
+
+def test_a_resume_after_a_crash_bounds_memory_for_zeroed_metrics_and_removes_a_half_deleted_checkpoint(
+        finished, tmp_path, run_limited):
+    out, args = copy_run(finished, tmp_path / "out")
+    (out / "orpo" / "step_000002" / "state.json").unlink()  # a rotation killed halfway through its deletion
+    metrics = out / "orpo" / "metrics.jsonl"
+    rows = metrics.read_text().splitlines()
+    with open(metrics, "ab") as f:  # what a crash on some file systems leaves: a sparse tail of zeros
+        f.truncate(os.path.getsize(metrics) + (16 << 30))  # more than the 6 GB the run may hold
+    p = train(run_limited, out, *args, memory_gb=6)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert f"[warning] {metrics}:{len(rows) + 1}: an unreadable line (cut by a crash?) is dropped" in p.stdout
+    kept = [json.loads(line) for line in metrics.read_text().splitlines()]  # small again, every line a row
+    assert kept[:len(rows)] == [json.loads(row) for row in rows] and kept[-1]["step"] == 6
+    assert f"[recover] removed {out / 'orpo' / 'step_000002'}: a checkpoint without state.json" in p.stdout
+    assert sorted(n for n in os.listdir(out / "orpo") if n.startswith(("step_", "."))) == \
+        ["step_000004", "step_000006"]
