@@ -14,6 +14,7 @@ import argparse
 import contextlib
 import json
 import os
+import resource
 import statistics
 import sys
 import time
@@ -39,6 +40,10 @@ SHAPES = {  # (model class, config); random weights, so nothing is downloaded
         tie_word_embeddings=True)),
     "tiny": (Qwen, ModelConfig(
         vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, rope_theta=1e6, max_position_embeddings=128, model_type="qwen3",
+        tie_word_embeddings=True)),
+    "tiny-qwen-vocab": (Qwen, ModelConfig(  # tiny layers, Qwen's vocabulary: the output head dominates the step
+        vocab_size=151936, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, head_dim=16, rope_theta=1e6, max_position_embeddings=128, model_type="qwen3",
         tie_word_embeddings=True)),
     "tiny-default": (Qwen, ModelConfig(**tiny.TINY_MODEL)),  # the embedded default's model (--data tiny)
@@ -146,6 +151,7 @@ def run(shape, kind, pairs, compile_layers, grad_ckpt, chunk_size, steps, warmup
                 real_tokens=real_tokens, tokens_processed=round(statistics.mean(tokens)),
                 real_tok_per_s=round(real_tokens / step_s), pairs_per_s=round(pairs / step_s, 2),
                 peak_gb=round(torch.cuda.max_memory_allocated() / 2**30, 2) if on_cuda else None,
+                peak_rss_mb=None if on_cuda else round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
                 loss=round(metrics["total_loss"], 4), trainable_params=sum(p.numel() for p in trained.values()),
                 device=torch.cuda.get_device_name() if on_cuda else "cpu", torch=torch.__version__)
 

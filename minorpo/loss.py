@@ -1,22 +1,35 @@
-"""The ORPO and SFT losses as the paper writes them, then the output head that computes them cheaply.
+"""The ORPO and SFT losses as the paper writes them, from the log-probabilities of the label tokens.
 
 Reference: Hong, Lee, Thorne 2024, "ORPO: Monolithic Preference Optimization without Reference
-Model", arXiv:2403.07691. Eq. 2 (L_SFT), Eq. 3 (length-normalised log P), Eq. 4-5 (odds, odds ratio),
-Eq. 6-7 (L_ORPO = L_SFT + lambda * L_OR), Eq. 8-10 (the gradient of L_OR).
+Model", arXiv:2403.07691. The equations, in the order the code computes them (y_w: the chosen answer,
+y_l: the rejected one, x: the prompt; m: an answer's number of tokens):
 
-Read in order: label_logps (the definition, from full logits) down to sft_loss; then the one training
-uses, chunked_label_logps: the same numbers from hidden states, never holding the full logits.
+    log p(y_t | x, y<t) = log_softmax(logits_t)[y_t]                  label_logps (the definition)
+    log P(y|x)    = (1/m) sum_t log p(y_t | x, y<t)          Eq. 3    sequence_logps ("mean"; or "sum")
+    odds(y|x)     = P(y|x) / (1 - P(y|x))                    Eq. 4    log_odds: log P - log(1 - P),
+                                                                      with log(1 - P) = log1mexp(log P)
+    log OR        = log odds(y_w|x) - log odds(y_l|x)        Eq. 5    odds_ratio_loss
+    L_OR          = -log sigma(log OR)                       Eq. 7    odds_ratio_loss
+    L_SFT         = -(sum of log p(y_w,t | x, y_w,<t) over the chosen tokens) / (their count)
+                                                             Eq. 2    orpo_objective
+    L_ORPO        = L_SFT + lambda * L_OR                    Eq. 6    orpo_objective (sft_objective: L_SFT alone)
+
+The gradient of L_OR is Eq. 8-10 (see odds_ratio_loss). Metric names (metrics.jsonl): sft_loss = L_SFT,
+orpo_loss = L_OR (EulerForge's names), total_loss = L_ORPO, log_odds_ratio = the mean log OR.
+
+Training computes label_logps too, through chunked_label_logps: the output head only at the label
+positions, a chunk of tokens at a time, each chunk under activation checkpointing (see there).
 
 Decisions:
 - L_SFT is the NLL of the chosen response only: prompt tokens and the rejected response are masked
-  (training on rejected answers would teach bad answers). How it averages, and why: orpo_loss.
+  (training on rejected answers would teach bad answers). How it averages, and why: orpo_objective.
 - The normalisers are passed in: the NLL is divided by the chosen-token count of the whole optimizer
   batch, L_OR by its pair count, so micro-batch losses and metrics SUM to the whole batch's (step.py).
 - A row without label tokens is an error, not a NaN: the data module filters such rows, and a mean
   over zero tokens is 0/0, whose NaN gradient would ruin the weights.
 
 Sum versus mean (loss.logp_reduction). Two answers of equal quality, -1.0 per token, 200 and 260
-tokens long:
+tokens long (`python -m minorpo.loss` computes this table with the functions below):
 
                       mean (the paper, Eq. 3, default)     sum (the teaching contrast)
     log P (200 tok)   -1.0, P = 0.37                       -200, P = e^-200 (about 1e-87)
@@ -32,6 +45,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from minorpo.batches import IGNORE_INDEX  # -100: the label of a position that is not trained
 
@@ -49,14 +63,15 @@ def _at_least_fp32(dtype):
 
 
 def label_logps(logits, labels):
-    """log p(y_t | x, y<t) of every label token, from the full logits: the definition.
+    """log p(label) of every label under the logits that predict it: the definition.
 
-    logits (N, T, V); labels (N, T), IGNORE_INDEX where nothing is trained; position t predicts label
-    t+1. Returns logps (N, T-1), at least fp32, 0 where ignored, and mask (N, T-1) bool."""
-    labels = labels[:, 1:]  # (N, T-1)
+    logits (..., V) and labels (...), aligned: logits[..., t, :] scores labels[..., t], IGNORE_INDEX where
+    nothing is trained. For a model's logits (N, T, V) and labels (N, T), position t predicts token t+1:
+    label_logps(logits[:, :-1], labels[:, 1:]). Returns logps (...), at least fp32, 0 where ignored, and
+    mask (...) bool."""
     mask = labels != IGNORE_INDEX
-    log_probs = F.log_softmax(logits[:, :-1].to(_at_least_fp32(logits.dtype)), dim=-1)  # (N, T-1, V)
-    logps = log_probs.gather(2, labels.clamp(min=0)[..., None]).squeeze(2)  # the label's log-prob
+    log_probs = F.log_softmax(logits.to(_at_least_fp32(logits.dtype)), dim=-1)  # (..., V)
+    logps = log_probs.gather(-1, labels.clamp(min=0)[..., None]).squeeze(-1)  # the label's log-prob
     return logps.masked_fill(~mask, 0.0), mask
 
 
@@ -176,70 +191,40 @@ def sft_objective(token_logps, mask, num_tokens=None):
     return loss, {"sft_loss": loss.detach(), "total_loss": loss.detach()}
 
 
-# ---- The optimisation: the output head at label positions only, chunk by chunk ----
+# ---- The output head at label positions only, a chunk of tokens at a time ----
 
-class _ChunkedHead(torch.autograd.Function):
-    """log p(target | h) = h·w_target - logsumexp(h·W^T) per row, chunked, recomputed in backward.
-
-    Full logits for 16 rows x 1024 tokens x Qwen's 151,936-token vocabulary are 10 GB in fp32, and plain
-    chunking under autograd would still keep every chunk for backward. This saves only the inputs and
-    recomputes each chunk's logits in backward: the head's extra memory is one chunk, whatever the
-    batch size. The matmul runs in the inputs' dtype (bf16 under autocast), the softmax in fp32.
-    """
-
-    @staticmethod
-    @torch.amp.custom_fwd(device_type="cuda")
-    def forward(ctx, hidden_rows, head_weight, targets, chunk_size):
-        logps = hidden_rows.new_empty(len(targets), dtype=_at_least_fp32(hidden_rows.dtype))
-        logsumexps = torch.empty_like(logps)
-        for start in range(0, len(targets), chunk_size):
-            rows = slice(start, start + chunk_size)
-            logits = (hidden_rows[rows] @ head_weight.T).to(logps.dtype)  # (chunk, V), the only big tensor
-            logsumexps[rows] = torch.logsumexp(logits, dim=-1)
-            logps[rows] = logits.gather(1, targets[rows, None]).squeeze(1) - logsumexps[rows]
-        ctx.save_for_backward(hidden_rows, head_weight, targets, logsumexps)
-        ctx.chunk_size = chunk_size
-        return logps
-
-    @staticmethod
-    @torch.amp.custom_bwd(device_type="cuda")
-    def backward(ctx, grad_logps):
-        hidden_rows, head_weight, targets, logsumexps = ctx.saved_tensors
-        needs_hidden_grad, needs_weight_grad = ctx.needs_input_grad[:2]
-        grad_hidden = torch.empty_like(hidden_rows) if needs_hidden_grad else None
-        # A frozen head (LoRA training) skips the (V x H) gradient; a trainable one accumulates in fp32.
-        grad_weight = (torch.zeros(head_weight.shape, dtype=_at_least_fp32(head_weight.dtype),
-                                   device=head_weight.device) if needs_weight_grad else None)
-        for start in range(0, len(targets), ctx.chunk_size):
-            rows = slice(start, start + ctx.chunk_size)
-            grad_rows = grad_logps[rows, None]  # (chunk, 1)
-            logits = hidden_rows[rows] @ head_weight.T  # recomputed, as in forward
-            # d log softmax(z)_y / dz = onehot(y) - softmax(z), so grad_logits = grad * (onehot - softmax)
-            grad_logits = logits.to(logsumexps.dtype).sub_(logsumexps[rows, None]).exp_().mul_(-grad_rows)
-            grad_logits.scatter_add_(1, targets[rows, None], grad_rows)  # in place: one chunk in memory
-            grad_logits = grad_logits.to(logits.dtype)
-            if needs_hidden_grad:
-                grad_hidden[rows] = grad_logits @ head_weight  # (chunk, H)
-            if needs_weight_grad:
-                grad_weight += grad_logits.T @ hidden_rows[rows]  # (V, H)
-        if needs_weight_grad:
-            grad_weight = grad_weight.to(head_weight.dtype)
-        return grad_hidden, grad_weight, None, None
+def _chunk_logps(hidden_rows, head_weight, targets):
+    """label_logps of one chunk: hidden_rows (C, H) @ head_weight.T are its logits (C, V), the one big tensor."""
+    return label_logps(hidden_rows @ head_weight.T, targets)[0]  # (C,)
 
 
 def chunked_label_logps(hidden, head_weight, labels, chunk_size=4096, index=None):
-    """label_logps(hidden @ head_weight.T, labels), computing the head only where a label is set.
+    """label_logps(hidden[:, :-1] @ head_weight.T, labels[:, 1:]), the head computed only where a label is set.
 
-    hidden (N, T, H) final hidden states, head_weight (V, H), labels (N, T). Returns what label_logps
-    returns: logps (N, T-1), at least fp32, 0 where ignored, and mask (N, T-1) bool. Gradients reach
-    hidden, and head_weight when head_weight.requires_grad. The packed layout (minorpo/packing.py):
-    hidden is (R, L, H) and index (N, T) names the flat position in it of each token of labels' layout.
+    hidden (N, T, H) final hidden states, head_weight (V, H), labels (N, T). Returns logps (N, T-1), at least
+    fp32, 0 where ignored, and mask (N, T-1) bool. Gradients reach hidden, and head_weight when it trains.
+    The packed layout (minorpo/packing.py): hidden is (R, L, H) and index (N, T) names the flat position in
+    it of each token of labels' layout.
+
+    Why chunks under checkpointing: full logits for 16 rows x 1024 tokens x Qwen's 151,936-token vocabulary
+    are 10 GB in fp32. Only response tokens need the head (a quarter to a half of a batch), and each chunk of
+    them runs the definition under activation checkpointing: its (chunk, V) logits are freed after the forward
+    and recomputed in the backward, so the head's memory is a few chunks whatever the batch size.
+    What a hand-written backward (softmax - onehot, computed in place: minorpo before this design) would save,
+    measured on the CPU with `python bench.py --shape tiny-qwen-vocab` (Qwen's 151,936-token vocabulary on
+    tiny layers, so the head is most of the step; one chunk of 340 tokens): 0.85 s instead of 1.14 s a LoRA
+    step and 1.11 s instead of 1.53 s a full one (about 1.35x), and one chunk of fp32 logits less at the peak
+    (about 200 MB here: the log-softmax keeps its own copy). Lower loss.head_chunk_size to win the memory back.
+    On the real step the head is a smaller share, and the definition a learner reads is the one that trains.
     """
-    labels = labels[:, 1:]  # (N, T-1)
+    labels = labels[:, 1:]  # (N, T-1): position t predicts token t+1
     mask = labels != IGNORE_INDEX
     if index is None:
         hidden_rows = hidden[:, :-1][mask]  # (M, H), M = number of label tokens
     else:  # each label token is predicted from its predecessor in its own branch: index[:, :-1]
         hidden_rows = hidden.flatten(0, 1)[index[:, :-1][mask]]  # (M, H)
-    logps = _ChunkedHead.apply(hidden_rows, head_weight, labels[mask], chunk_size)  # (M,)
+    targets = labels[mask]  # (M,)
+    logps = torch.cat([checkpoint(_chunk_logps, hidden_rows[start:start + chunk_size], head_weight,
+                                  targets[start:start + chunk_size], use_reentrant=False)
+                       for start in range(0, max(1, len(targets)), chunk_size)])  # (M,); one empty chunk if M = 0
     return logps.new_zeros(mask.shape).masked_scatter(mask, logps), mask

@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from minorpo import loss
 from minorpo.loss import (IGNORE_INDEX, LOGP_SUM_WARNING, chunked_label_logps, label_logps, log1mexp, log_odds,
                           odds_ratio_loss, orpo_objective, sequence_logps, sft_objective)
 
@@ -35,20 +36,22 @@ def pair(a, b, dtype=torch.float64):
 
 # ---- label log-probs from full logits ----
 
-def test_label_logps_reads_the_next_token_and_zeroes_ignored_positions():
+def test_label_logps_of_a_model_reads_the_next_token_and_zeroes_ignored_positions():
     # vocabulary of 2; logits [0, ln 3] give p = [1/4, 3/4], logits [ln 3, 0] give [3/4, 1/4]
     ln3 = math.log(3)
     logits = torch.tensor([[[0.0, ln3], [ln3, 0.0], [0.0, 0.0]]], dtype=torch.float64)  # (1, 3, 2)
-    logps, mask = label_logps(logits, torch.tensor([[IGNORE_INDEX, 1, 1]]))
+    labels = torch.tensor([[IGNORE_INDEX, 1, 1]])
+    logps, mask = label_logps(logits[:, :-1], labels[:, 1:])  # position t predicts token t+1
     assert mask.tolist() == [[True, True]]
     torch.testing.assert_close(logps, torch.tensor([[math.log(3 / 4), math.log(1 / 4)]], dtype=torch.float64))
-    logps, mask = label_logps(logits, torch.tensor([[IGNORE_INDEX, IGNORE_INDEX, 0]]))
+    labels = torch.tensor([[IGNORE_INDEX, IGNORE_INDEX, 0]])
+    logps, mask = label_logps(logits[:, :-1], labels[:, 1:])
     assert mask.tolist() == [[False, True]]
     assert logps.tolist() == [[0.0, pytest.approx(math.log(3 / 4))]]
 
 
 def test_label_logps_of_bf16_logits_are_fp32():
-    logps, _ = label_logps(torch.zeros(1, 3, 4, dtype=torch.bfloat16), torch.tensor([[0, 1, 2]]))
+    logps, _ = label_logps(torch.zeros(1, 2, 4, dtype=torch.bfloat16), torch.tensor([[1, 2]]))
     assert logps.dtype == torch.float32
     torch.testing.assert_close(logps, torch.full((1, 2), -math.log(4)))
 
@@ -95,7 +98,7 @@ def test_gradient_is_minus_delta_times_h_of_eq_8_to_10():
     labels[:, 0] = IGNORE_INDEX  # the prompt
 
     def logps():
-        return sequence_logps(*label_logps(theta, labels))  # Eq. 3, (2,)
+        return sequence_logps(*label_logps(theta[:, :-1], labels[:, 1:]))  # Eq. 3, (2,)
 
     losses, _ = odds_ratio_loss(logps()[:1], logps()[1:])
     (grad,) = torch.autograd.grad(losses.sum(), theta)
@@ -270,7 +273,7 @@ def head_batch(dtype=torch.float32, rows=3, tokens=7, width=8, vocab=11):
 
 def full_logits_logps(hidden, weight, labels):
     """The definition the chunked head must reproduce: loss.label_logps of the full logits."""
-    return label_logps(hidden @ weight.T, labels)
+    return label_logps((hidden @ weight.T)[:, :-1], labels[:, 1:])
 
 
 @pytest.mark.parametrize("chunk_size", [1, 4, 4096])  # 4 does not divide the 9 label tokens
@@ -313,7 +316,19 @@ def test_head_saves_no_logits_for_backward():
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
         chunked_label_logps(hidden, weight, labels, chunk_size=64)
-    assert 0 < sum(saved_bytes) < 64_000
+    assert 0 < sum(saved_bytes) < 200_000  # a fifth of the logits: checkpointing keeps each chunk's inputs only
+
+
+def test_training_runs_the_definition_itself(monkeypatch):
+    """The chunked head calls label_logps on each chunk's logits: a learner stepping through a training step
+    meets the definition (one call per chunk in the forward, one more per chunk recomputed in the backward)."""
+    hidden, weight, labels = head_batch()  # 9 label tokens
+    calls = []
+    monkeypatch.setattr(loss, "label_logps", lambda logits, targets: calls.append(tuple(logits.shape)) or
+                        label_logps(logits, targets))
+    chunked_label_logps(hidden, weight, labels, chunk_size=4)[0].sum().backward()
+    assert calls[:3] == [(4, 11), (4, 11), (1, 11)]  # (chunk, vocabulary) in the forward
+    assert sorted(calls[3:]) == sorted(calls[:3])  # each chunk recomputed once in the backward (the last first)
 
 
 def test_chunked_head_passes_gradcheck():
