@@ -212,6 +212,9 @@ class MetricsLog:
         if "eval/pref_accuracy" in row:
             line += (f" || eval acc {row['eval/pref_accuracy']:.3f} | chosen {row['eval/chosen_logps']:.3f}"
                      f" | rejected {row['eval/rejected_logps']:.3f}")
+            if "eval/pref_accuracy_longer" in row:  # chosen answer longer | shorter than the rejected one
+                line += (f" | acc longer {row['eval/pref_accuracy_longer']:.3f}"
+                         f" shorter {row['eval/pref_accuracy_shorter']:.3f}")
         if self.enabled:
             print(line, flush=True)
             with naming(self.path), open(self.path, "a") as f:  # a full disk names the file

@@ -101,16 +101,35 @@ def train_step(scorer, optimizer, micro_batches, objective, orpo_lambda=None, re
 @torch.no_grad()
 def evaluate(scorer, batches, objective, orpo_lambda=None, reduction="mean", autocast=contextlib.nullcontext,
              device="cpu"):
-    """Metrics over all the held-out batches, normalised over the whole held-out set (this process's)."""
+    """Metrics over all the held-out batches, normalised over the whole held-out set (this process's).
+    Pairs also get pref_accuracy_longer and pref_accuracy_shorter: the preference accuracy over the pairs whose
+    chosen answer has more (fewer) response tokens than the rejected one, when the set holds both kinds."""
     was_training = scorer.training
     scorer.eval()
     num_tokens, num_pairs = batch_counts(batches, objective).tolist()
-    sums = {}
+    sums, by_length = {}, torch.zeros(4)  # right and all pairs with a longer chosen answer, then with a shorter one
     for batch in batches:
         with autocast():
             token_logps, mask = scorer(**{name: t.to(device) for name, t in batch.items()})
             _, metrics = (loss.orpo_objective(token_logps, mask, orpo_lambda, reduction, num_tokens, num_pairs)
                           if objective == "orpo" else loss.sft_objective(token_logps, mask, num_tokens))
         sums = {name: sums.get(name, 0.0) + float(value) for name, value in metrics.items()}
+        if objective == "orpo":
+            by_length += length_counts(token_logps, mask, reduction)
     scorer.train(was_training)
+    if by_length[1] and by_length[3]:
+        sums.update(pref_accuracy_longer=float(by_length[0] / by_length[1]),
+                    pref_accuracy_shorter=float(by_length[2] / by_length[3]))
     return sums
+
+
+def length_counts(token_logps, mask, reduction):
+    """(right, all) pairs whose chosen answer is longer, then (right, all) whose chosen is shorter: a (4,) tensor.
+    Right: log odds ratio > 0. Length bias shows as a gap between the two accuracies."""
+    pairs = len(mask) // 2
+    seq_logps = loss.sequence_logps(token_logps, mask, reduction)
+    _, log_odds_ratio = loss.odds_ratio_loss(seq_logps[:pairs], seq_logps[pairs:])
+    chosen_tokens, rejected_tokens = mask[:pairs].sum(1), mask[pairs:].sum(1)
+    right = log_odds_ratio > 0
+    longer, shorter = chosen_tokens > rejected_tokens, chosen_tokens < rejected_tokens
+    return torch.stack([(right & longer).sum(), longer.sum(), (right & shorter).sum(), shorter.sum()]).float().cpu()

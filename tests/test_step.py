@@ -146,3 +146,29 @@ def test_state_errors_name_the_problem(tmp_path):
     (tmp_path / "c" / "weights.safetensors").write_bytes(b"broken")
     with pytest.raises(ValueError, match=r"weights.safetensors: not a readable safetensors file.*resume from another checkpoint"):
         state.load(str(tmp_path / "c"), model, optimizer, names, SETTINGS)
+
+
+def test_evaluate_splits_the_preference_accuracy_by_which_answer_is_longer():
+    model, _, _ = make()
+    pairs = examples(12)
+    scorer = step.ResponseLogps(model)
+    metrics = step.evaluate(scorer, [batches.collate(pairs[:5], 0), batches.collate(pairs[5:], 0)], "orpo", 0.5)
+    right = {"longer": [], "shorter": []}  # one pair at a time: its log odds ratio is the metric itself
+    for pair in pairs:
+        (_, chosen), (_, rejected) = batches.rows_of(pair)
+        n_chosen, n_rejected = (sum(label != batches.IGNORE_INDEX for label in labels[1:])
+                                for labels in (chosen, rejected))
+        if n_chosen != n_rejected:
+            one = step.evaluate(scorer, [batches.collate([pair], 0)], "orpo", 0.5)
+            right["longer" if n_chosen > n_rejected else "shorter"].append(one["log_odds_ratio"] > 0)
+    assert right["longer"] and right["shorter"]  # both kinds of pair are there
+    for kind, values in right.items():
+        assert metrics[f"pref_accuracy_{kind}"] == pytest.approx(sum(values) / len(values))
+
+
+def test_evaluate_gives_no_length_split_when_every_pair_has_equal_lengths():
+    model, _, _ = make()
+    pairs = [p for p in examples(12) if len(p["chosen_labels"]) == len(p["rejected_labels"])]
+    assert pairs
+    assert not {"pref_accuracy_longer", "pref_accuracy_shorter"} & set(
+        step.evaluate(step.ResponseLogps(model), [batches.collate(pairs, 0)], "orpo", 0.5))
