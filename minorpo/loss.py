@@ -33,7 +33,7 @@ tokens long (`python -m minorpo.loss` computes this table with the functions bel
 
                       mean (the paper, Eq. 3, default)     sum (the teaching contrast)
     log P (200 tok)   -1.0, P = 0.37                       -200, P = e^-200 (about 1e-87)
-    log(1 - P)        -0.459                               -1e-87, which is 0 in any float
+    log(1 - P)        -0.459                               -1e-87: 0 in fp32, nothing beside -200 in fp64
     log odds          -0.541 (for both answers)            -200 and -260: odds = P, no odds left
     log OR            0                                    +60 or -60, by length alone
     L_OR              ln 2 = 0.693, a useful gradient      8.8e-27 (no gradient) or 60 (be shorter)
@@ -228,3 +228,26 @@ def chunked_label_logps(hidden, head_weight, labels, chunk_size=4096, index=None
                                   targets[start:start + chunk_size], use_reentrant=False)
                        for start in range(0, max(1, len(targets)), chunk_size)])  # (M,); one empty chunk if M = 0
     return logps.new_zeros(mask.shape).masked_scatter(mask, logps), mask
+
+
+def _sum_versus_mean_table():
+    """The docstring's table, computed by the functions above: two answers at -1.0 a token, 200 and 260 long."""
+    mask = torch.arange(260)[None] < torch.tensor([[200], [260]])  # (2, 260): the 200-token answer, the 260-token one
+    token_logps = torch.full((2, 260), -1.0) * mask
+    lines = [f"{'':18}{'mean (the paper, Eq. 3)':<36}sum"]
+    cells = {}
+    for reduction in ("mean", "sum"):
+        seq = sequence_logps(token_logps, mask, reduction)  # (2,)
+        for_short, for_long = odds_ratio_loss(seq[:1], seq[1:]), odds_ratio_loss(seq[1:], seq[:1])
+        cells[reduction] = [f"{seq[0]:.1f} (200 tok), {seq[1]:.1f} (260 tok)",
+                            f"{log1mexp(seq[0]):.3g} (200 tok)",
+                            f"{log_odds(seq[0]):.3f} and {log_odds(seq[1]):.3f}",
+                            f"{for_short[1].item():+.3g} (chosen 200) or {for_long[1].item():+.3g}",
+                            f"{for_short[0].item():.3g} or {for_long[0].item():.3g}"]
+    for i, name in enumerate(("log P", "log(1 - P)", "log odds", "log OR", "L_OR")):
+        lines.append(f"{name:<18}{cells['mean'][i]:<36}{cells['sum'][i]}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":  # python -m minorpo.loss: the sum-versus-mean table in fp32, as training computes it
+    print(_sum_versus_mean_table())

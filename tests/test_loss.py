@@ -480,3 +480,13 @@ def test_row_without_labels_raises_an_error_naming_the_row(function):
             "sequence_logps": lambda: sequence_logps(logps, mask, "sum")}[function]
     with pytest.raises(ValueError, match=r"row 1 .*no label tokens.*data filter"):
         call()
+
+
+def test_python_m_minorpo_loss_prints_the_docstring_table_from_the_code():
+    table = loss._sum_versus_mean_table().splitlines()
+    rows = {line.split("  ")[0]: line for line in table[1:]}
+    assert "-0.459" in rows["log(1 - P)"] and "-0.541 and -0.541" in rows["log odds"]
+    assert "-200.000 and -260.000" in rows["log odds"]
+    assert "+60 (chosen 200) or -60" in rows["log OR"]
+    assert "0.693 or 0.693" in rows["L_OR"] and "8.76e-27 or 60" in rows["L_OR"]
+    assert "8.8e-27 (no gradient) or 60" in loss.__doc__  # the docstring quotes the same numbers
