@@ -24,11 +24,12 @@ def prepare(cfg, master, launched, log):
     """(run_dir, model_dir, data_path, data_paths): the embedded tiny model and pairs are built if asked for,
     and rank 0 checks the run folder (never reused for a new run: runs.py) and removes a killed run's leftovers."""
     run_dir = os.path.join(cfg["output_dir"], cfg["run_name"])
-    model_dir = (tiny.ensure_model(os.path.join(cfg["output_dir"], "tiny-model"), build=master)  # the embedded demo
+    model_dir = (tiny.ensure_model(os.path.join(cfg["output_dir"], "tiny-base"), build=master)  # the embedded demo
                  if cfg["model_name"] == "tiny" else checkpoint.resolve(cfg["model_name"]))  # model, or a checkpoint
     data_path, eval_path = cfg["data"]["path"], cfg["data"]["eval_path"]
-    if data_path == "tiny":  # the embedded synthetic preference pairs
-        data_path = tiny.ensure_pairs(os.path.join(cfg["output_dir"], "tiny-data", "pairs.jsonl"), build=master)
+    if data_path in tiny.VARIANTS:  # the embedded synthetic preference pairs: tiny, tiny-lengths
+        data_path = tiny.ensure_pairs(os.path.join(cfg["output_dir"], "tiny-data", tiny.VARIANTS[data_path]),
+                                      build=master, variant=data_path)
     data_paths = [data_path] + ([eval_path] if eval_path else [])
     if master:
         runs.check_run_folder(run_dir, cfg["training"]["resume_from"], model_dir, data_paths)

@@ -1,21 +1,35 @@
-"""The embedded default: a tiny Qwen3-architecture model, its own tokenizer, and synthetic preference pairs.
+"""The embedded default: a tiny pre-trained Qwen3-architecture base, its own tokenizer, synthetic preference pairs.
 
-`model_name: tiny` and `data.path: tiny` in a preset make minorpo run anywhere with no download. The model
-is built once into <output_dir>/tiny-model/ as a real Hugging Face checkpoint folder (config.json,
+`model_name: tiny` and `data.path: tiny` in a preset make minorpo run anywhere with no download. The base is
+built once into <output_dir>/tiny-base/ as a real Hugging Face checkpoint folder (config.json,
 model.safetensors, tokenizer.json) and then loaded through the same code path as a real checkpoint.
 
-The task. Each prompt asks to repeat, reverse or sort a short list; the chosen answer does it right and the
-rejected answer makes one mistake (two neighbouring items swapped). The two answers share every token, in
-almost the same order, so SFT on the chosen answers also raises the rejected ones (ORPO paper, Figure 7),
-while ORPO's odds-ratio term pushes them apart (its Figure 3). The held-out pairs use lists the model has
-never seen, so preference accuracy there measures a learned rule. All is deterministic from `seed`.
+The task. Each prompt asks to repeat or reverse a short list of words. The preferred answer lists them in the
+right order and ends with the house style: "!" after an even number of items, "." after an odd number. The
+rejected answer is the same answer with the other ending: one token in ten differs.
+
+The base. Like a real base model, which knows language but not your preferences, the tiny base is pre-trained
+(PRETRAIN_STEPS of full fine-tuning, with the same train_step every run uses) on the same prompts answered in
+either order with either ending, at random. So it knows the chat format, the words and how to list them, but
+neither rule: its preference accuracy on the held-out pairs is near chance, while both answers are already
+likely (a mean log-prob near -1 a token, where a random model has -6).
+
+What a run then shows (README). SFT on the chosen answers learns the order first, which the rejected answers
+share, so their log-probability rises too (ORPO paper, Figure 7); the ending is one token of ten, learned
+slowly. ORPO's odds-ratio term acts on exactly what differs, so the rejected answers fall (its Figure 3).
+
+data.path: tiny-lengths is the variant for sum against mean: the rejected answer drops one item (shorter) or
+repeats one (longer), half and half, so the two answers differ in length; every pair keeps the right ending.
+All is deterministic from `seed`.
 """
 import json
 import os
 import random
 
+import torch
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from minorpo import data, lora, packing, step
 from minorpo.checkpoint import write_model
 from minorpo.files import atomic_folder, atomic_write
 from minorpo.model import ModelConfig, Qwen
@@ -23,28 +37,49 @@ from minorpo.model import ModelConfig, Qwen
 WORDS = ("red blue green black white pink gray gold cat dog fox owl bee cow pig hen ant elk "
          "apple pear fig plum lime kiwi oak elm ash fir").split()
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-TASKS = {  # name: (prompt verb, item pool, rule)
-    "repeat": ("Repeat", WORDS, lambda items: items),
-    "reverse": ("Reverse", WORDS, lambda items: items[::-1]),
-    "sort": ("Sort", list("0123456789"), sorted),
-}
+TASKS = {"Repeat": lambda items: items, "Reverse": lambda items: items[::-1]}  # prompt verb: its rule
+VARIANTS = {"tiny": "endings.jsonl", "tiny-lengths": "lengths.jsonl"}  # data.path: the file in <output_dir>/tiny-data
 # A Qwen3-architecture model (q/k-norm, grouped-query attention, tied embeddings), ~1M parameters.
 TINY_MODEL = dict(model_type="qwen3", vocab_size=384, hidden_size=128, intermediate_size=384, num_hidden_layers=4,
                   num_attention_heads=4, num_key_value_heads=2, head_dim=32, rope_theta=10000.0, rms_norm_eps=1e-6,
                   max_position_embeddings=512, tie_word_embeddings=True, attention_bias=False)
+PRETRAIN_STEPS, PRETRAIN_LR, PRETRAIN_BATCH = 300, 3e-3, 32  # about 20 s on one CPU core
 
 
-def make_pairs(n, seed=0):
-    """n {prompt, chosen, rejected} rows: the rule applied right, and with two neighbours swapped."""
+def ending(items):
+    """The house style the preferred answers follow: "!" after an even number of items, "." after an odd one."""
+    return "!" if len(items) % 2 == 0 else "."
+
+
+def answer(items, end):
+    return f"Sure: {' '.join(items)}{end}"
+
+
+def make_pairs(n, seed=0, variant="tiny"):
+    """n {prompt, chosen, rejected} rows: the right order and ending, and the same with the other ending
+    (variant tiny), or with one item dropped or repeated (tiny-lengths)."""
     rng, rows = random.Random(seed), []
     for _ in range(n):
-        verb, pool, rule = TASKS[rng.choice(sorted(TASKS))]
-        items = rng.sample(pool, rng.randint(3, 6))  # distinct items, so every swap is a real mistake
-        answer = list(rule(items))
-        i = rng.randrange(len(answer) - 1)
-        wrong = answer[:i] + [answer[i + 1], answer[i]] + answer[i + 2:]
-        rows.append({"prompt": f"{verb}: {' '.join(items)}",
-                     "chosen": f"Sure: {' '.join(answer)}.", "rejected": f"Sure: {' '.join(wrong)}."})
+        verb = rng.choice(sorted(TASKS))
+        items = rng.sample(WORDS, rng.randint(3, 6))  # distinct items, so every change is a real mistake
+        right, end = TASKS[verb](items), ending(items)
+        i, drop = rng.randrange(len(right)), rng.random() < 0.5  # drawn in both variants: the same prompts
+        if variant == "tiny-lengths":
+            rejected = answer(right[:i] + right[i + 1:] if drop else right[:i + 1] + right[i:], end)
+        else:
+            rejected = answer(right, "." if end == "!" else "!")
+        rows.append({"prompt": f"{verb}: {' '.join(items)}", "chosen": answer(right, end), "rejected": rejected})
+    return rows
+
+
+def pretraining_rows(n, seed=0):
+    """What the base learns from: prompts like the pairs', the items in either order, either ending, at random."""
+    pairs = {row["prompt"] for row in make_pairs(2000, seed)}  # the embedded pairs, held-out ones included
+    prompts = [row["prompt"] for row in make_pairs(n + len(pairs), f"pretrain-{seed}") if row["prompt"] not in pairs]
+    rng, rows = random.Random(f"pretrain-{seed}"), []
+    for prompt in prompts[:n]:  # prompts of its own
+        items = prompt.split(": ", 1)[1].split()
+        rows.append({"prompt": prompt, "response": answer(TASKS[rng.choice(sorted(TASKS))](items), rng.choice("!."))})
     return rows
 
 
@@ -60,18 +95,36 @@ def build_tokenizer(seed=0):
     return tokenizer
 
 
-def ensure_model(folder, build=True, seed=0):
-    """Build the tiny model folder once (random weights, the tokenizer above) and return its path.
-    Only the process with build=True writes (rank 0 under torchrun)."""
+def pretrain(model, tokenizer, seed=0, steps=PRETRAIN_STEPS):
+    """Full fine-tuning on pretraining_rows with step.train_step (SFT): linear warm-up, then a constant rate."""
+    rows = [(f"pretraining:{i + 1}", row) for i, row in enumerate(pretraining_rows(2000, seed))]
+    examples, _ = data.make_examples(rows, tokenizer, "sft", max_length=128, max_prompt_length=64)
+    trained = lora.fp32_trained_parameters(model, ["all"])
+    optimizer = step.adamw(trained, PRETRAIN_LR, 0.0, fused=False)
+    collate, rng = packing.collate_for("packed", tokenizer.token_to_id("<|endoftext|>"), 128), random.Random(seed)
+    torch.manual_seed(seed)
+    for it in range(steps):
+        for group in optimizer.param_groups:
+            group["lr"] = PRETRAIN_LR * min(1.0, (it + 1) / 20)
+        step.train_step(step.ResponseLogps(model), optimizer, [collate(rng.sample(examples, PRETRAIN_BATCH))], "sft")
+    return model
+
+
+def ensure_model(folder, build=True, seed=0, pretrain_steps=PRETRAIN_STEPS):
+    """Build the tiny base folder once (random weights, pre-trained as above; the tokenizer above) and return
+    its path. Only the process with build=True writes (rank 0 under torchrun); pretrain_steps=0 keeps the
+    random weights (tests that need any model folder)."""
     if build and not os.path.isfile(os.path.join(folder, "config.json")):
+        tokenizer = build_tokenizer(seed)
+        model = pretrain(Qwen(ModelConfig(**TINY_MODEL), seed=seed), tokenizer, seed, pretrain_steps)
         with atomic_folder(folder) as tmp:
-            write_model(Qwen(ModelConfig(**TINY_MODEL), seed=seed), tmp)
-            build_tokenizer(seed).save(os.path.join(tmp, "tokenizer.json"))
+            write_model(model, tmp)
+            tokenizer.save(os.path.join(tmp, "tokenizer.json"))
     return folder
 
 
-def ensure_pairs(path, build=True, n=2000, seed=0):
+def ensure_pairs(path, build=True, n=2000, seed=0, variant="tiny"):
     """Write n synthetic pairs as JSONL once (atomically, only where build=True) and return the path."""
     if build and not os.path.isfile(path):
-        atomic_write(path, "".join(json.dumps(row) + "\n" for row in make_pairs(n, seed)))
+        atomic_write(path, "".join(json.dumps(row) + "\n" for row in make_pairs(n, seed, variant)))
     return path

@@ -1,12 +1,13 @@
 """Regenerate every number in README.md from real runs of today's code (needs only minorpo's dependencies).
 
-    python scripts/readme_numbers.py                # a few minutes on 2 CPU cores; rewrites README.md, the SVG
+    python scripts/readme_numbers.py                # a few minutes on 2 CPU cores; rewrites README.md, the SVGs
     python scripts/readme_numbers.py --only memory  # one block (torchrun runs: needs no quiet CPU)
 
-It runs the embedded default three ways (ORPO, SFT, ORPO with sequence-sum log-probs) into a temporary
-folder, reads their metrics.jsonl and wall times, and replaces the text between each pair of
-`<!-- numbers:NAME -->` and `<!-- /numbers:NAME -->` markers in README.md. Nothing else is edited. It also
-draws the ORPO and SFT runs into docs/sft-vs-orpo.svg, the picture the README shows.
+It runs the embedded default four ways (ORPO and SFT on data.path=tiny; ORPO with mean and with sum log-probs on
+data.path=tiny-lengths) into a temporary folder, reads their metrics.jsonl and wall times, and replaces the
+text between each pair of `<!-- numbers:NAME -->` and `<!-- /numbers:NAME -->` markers in README.md. Nothing else
+is edited. It draws the SFT and ORPO runs into docs/sft-vs-orpo.svg and the two length runs into
+docs/sum-vs-mean.svg. It stops, writing nothing, if a run no longer shows what the README says it shows.
 """
 import argparse
 import json
@@ -20,7 +21,6 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from minorpo import plot  # noqa: E402
-STEPS = (0, 100, 200, 300, 400)  # the presets' eval_every and max_steps
 
 
 def run(out, preset, *overrides):
@@ -40,42 +40,58 @@ def run(out, preset, *overrides):
 
 
 def table(orpo, sft):
-    head = "| held-out pairs | " + " | ".join(f"step {s}" if s == 0 else str(s) for s in STEPS) + " | wall time |"
-    lines = [head, "|---" * (len(STEPS) + 2) + "|"]
-    for name, (evals, _, seconds, _) in (("SFT", sft), ("ORPO (λ = 1)", orpo)):
+    steps = sorted(step for step in orpo[0] if step % 100 == 0 or step == max(orpo[0]))
+    head = "| held-out pairs | " + " | ".join(f"step {s}" if s == 0 else str(s) for s in steps) + " | wall time |"
+    lines = [head, "|---" * (len(steps) + 2) + "|"]
+    for name, (evals, _, seconds, _) in (("SFT", sft), ("ORPO (λ = 3)", orpo)):
         for i, (key, label) in enumerate((("eval/chosen_logps", "chosen, mean log-prob"),
                                           ("eval/rejected_logps", "rejected, mean log-prob"),
                                           ("eval/pref_accuracy", "preference accuracy"))):
-            cells = [f"{evals[s][key]:.3f}" for s in STEPS]
+            cells = [f"{evals[s][key]:.3f}" for s in steps]
             lines.append(f"| {name}: {label} | " + " | ".join(cells) + f" | {f'{seconds:.0f} s' if i == 0 else ''} |")
     return "\n".join(lines)
 
 
+def check_lesson(orpo, sft):
+    """The README's claims about the two runs, each checked against their held-out numbers."""
+    first, o, s = orpo[0][0], orpo[0][max(orpo[0])], sft[0][max(sft[0])]
+    claims = {"the base is near chance": 0.3 <= first["eval/pref_accuracy"] <= 0.7,
+              "the base finds both answers likely (> -3 a token)": min(first["eval/chosen_logps"],
+                                                                        first["eval/rejected_logps"]) > -3,
+              "SFT raises the rejected answers": s["eval/rejected_logps"] > first["eval/rejected_logps"],
+              "ORPO lowers the rejected answers": o["eval/rejected_logps"] < first["eval/rejected_logps"],
+              "ORPO raises the chosen answers": o["eval/chosen_logps"] > first["eval/chosen_logps"],
+              "ORPO reaches 0.9": o["eval/pref_accuracy"] >= 0.9,
+              "SFT ends at least 0.1 below ORPO": s["eval/pref_accuracy"] <= o["eval/pref_accuracy"] - 0.1}
+    if broken := [claim for claim, holds in claims.items() if not holds]:
+        sys.exit(f"the runs no longer show what README.md says: {'; '.join(broken)}. Rework the demo or the text")
+
+
 def summary(orpo, sft):
-    o, s = orpo[0][STEPS[-1]], sft[0][STEPS[-1]]
-    peak_step = max(STEPS, key=lambda step: sft[0][step]["eval/rejected_logps"])
-    peak = sft[0][peak_step]["eval/rejected_logps"]
-    rise = (f"to {peak:.2f} at step {peak_step}, their highest, because most of their tokens are the chosen "
-            f"answer's; they end at {s['eval/rejected_logps']:.2f}" if peak_step != STEPS[-1] else
-            f"to {peak:.2f} by step {peak_step}, still rising, because most of their tokens are the chosen answer's")
+    first, o, s = orpo[0][0], orpo[0][max(orpo[0])], sft[0][max(sft[0])]
     sample = re.findall(r"\[sample\] after training\n((?:  .*\n)+)", orpo[3])
-    example = sample[0].splitlines()[-1].strip() if sample else ""
-    return (f"SFT lifts the rejected answers from {sft[0][0]['eval/rejected_logps']:.2f} (a random model) {rise}. "
-            f"Under ORPO they end at {o['eval/rejected_logps']:.2f}, with the chosen "
-            f"answers at {o['eval/chosen_logps']:.3f} (SFT: {s['eval/chosen_logps']:.3f}) and a held-out preference "
-            f"accuracy of {o['eval/pref_accuracy']:.3f}. ORPO's run takes {orpo[2] / sft[2]:.2f} times SFT's: it "
-            f"runs the rejected rows too. A sample after ORPO training: `{example}`.")
+    example = sample[0].splitlines()[0].strip() if sample else ""
+    return (f"From the same base (held-out accuracy {first['eval/pref_accuracy']:.3f}; chosen and rejected answers "
+            f"at {first['eval/chosen_logps']:.2f} and {first['eval/rejected_logps']:.2f} a token, where a random "
+            f"model is near -6), SFT lifts the rejected answers to {s['eval/rejected_logps']:.2f} along with the "
+            f"chosen ones ({s['eval/chosen_logps']:.2f}) and ends at a preference accuracy of "
+            f"{s['eval/pref_accuracy']:.3f}. ORPO pushes the rejected answers down to {o['eval/rejected_logps']:.2f} "
+            f"while the chosen ones rise to {o['eval/chosen_logps']:.2f}, and ends at {o['eval/pref_accuracy']:.3f}. "
+            f"ORPO's run takes {orpo[2] / sft[2]:.2f} times SFT's: it runs the rejected rows too. A sample after ORPO "
+            f"training: `{example}`.")
 
 
-def sum_mode(orpo, orpo_sum):
-    last = max(orpo_sum[1])
-    summed, mean = orpo_sum[1][last], orpo[1][last]
-    zero = min((step for step, r in orpo_sum[1].items()
-                if all(orpo_sum[1][k]["train/orpo_loss"] < 5e-5 for k in orpo_sum[1] if k >= step)), default=None)
-    ratio = "train/log_odds_ratio"
-    return (f"by step {last} the log odds ratio is {summed[ratio]:+.2f} ({mean[ratio]:+.2f} with the mean)"
-            f" and L_OR averages {summed['train/orpo_loss']:.3f} ({mean['train/orpo_loss']:.3f} with the mean)"
-            + (f"; L_OR prints as 0.0000 from step {zero} on" if zero is not None else ""))
+def lengths(mean, summed):
+    """The held-out accuracy split by which answer is longer, at step 0 and at the end, for mean and sum."""
+    last = max(mean[0])
+    lines = [f"| data.path=tiny-lengths | step 0: chosen longer | step 0: chosen shorter | step {last}: chosen longer "
+             f"| step {last}: chosen shorter | step {last}: all pairs |", "|---|---|---|---|---|---|"]
+    for label, (evals, *_) in (("mean (the paper)", mean), ("sum", summed)):
+        row = [evals[0]["eval/pref_accuracy_longer"], evals[0]["eval/pref_accuracy_shorter"],
+               evals[last]["eval/pref_accuracy_longer"], evals[last]["eval/pref_accuracy_shorter"],
+               evals[last]["eval/pref_accuracy"]]
+        lines.append(f"| {label} | " + " | ".join(f"{x:.3f}" for x in row) + " |")
+    return "\n" + "\n".join(lines) + "\n"
 
 
 def bench(*args):
@@ -129,21 +145,38 @@ def memory():
     return "\n" + "\n".join(lines) + "\n"
 
 
+def lengths_summary(mean, summed):
+    first, last = summed[0][0], summed[0][max(summed[0])]
+    m0, m1 = mean[0][0], mean[0][max(mean[0])]
+    return (f"At step 0 the sum already prefers the shorter answer, by length alone: accuracy "
+            f"{first['eval/pref_accuracy_shorter']:.3f} on the pairs whose chosen answer is shorter and "
+            f"{first['eval/pref_accuracy_longer']:.3f} on those whose chosen answer is longer (the mean: "
+            f"{m0['eval/pref_accuracy_shorter']:.3f} and {m0['eval/pref_accuracy_longer']:.3f}). After training, "
+            f"the sum ends at {last['eval/pref_accuracy_shorter']:.3f} and {last['eval/pref_accuracy_longer']:.3f}, "
+            f"the mean at {m1['eval/pref_accuracy_shorter']:.3f} and {m1['eval/pref_accuracy_longer']:.3f}; "
+            f"L_OR averages {last['eval/orpo_loss']:.3f} with the sum and {m1['eval/orpo_loss']:.3f} with the mean "
+            f"(held-out).")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--only", default="", help="comma list of the blocks to rewrite (default: all): table, summary, "
-                                               "sum, time (the training runs and the SVG), packing, memory")
+                                               "lengths, time (the training runs and the SVGs), packing, memory")
     only = set(filter(None, ap.parse_args().only.split(","))) or {"table", "packing", "memory"}
     env_threads, blocks = os.environ.get("OMP_NUM_THREADS"), {}
-    if only & {"table", "summary", "sum", "time"}:
+    if only & {"table", "summary", "lengths", "lengths-summary", "time"}:
         with tempfile.TemporaryDirectory() as out:
-            orpo = run(out, "orpo")
-            sft = run(out, "sft")
-            orpo_sum = run(out, "orpo", "loss.logp_reduction=sum", "run_name=orpo-sum")
+            orpo, sft = run(out, "orpo"), run(out, "sft")
+            check_lesson(orpo, sft)
+            mean = run(out, "orpo", "data.path=tiny-lengths", "run_name=lengths-mean")
+            summed = run(out, "orpo", "data.path=tiny-lengths", "loss.logp_reduction=sum", "run_name=lengths-sum")
             plot.write_svg([os.path.join(out, "sft"), os.path.join(out, "orpo")],  # SFT blue, ORPO orange
                            os.path.join(ROOT, "docs", "sft-vs-orpo.svg"))
+            plot.write_svg([os.path.join(out, "lengths-mean"), os.path.join(out, "lengths-sum")],
+                           os.path.join(ROOT, "docs", "sum-vs-mean.svg"))
         blocks.update({"table": "\n" + table(orpo, sft) + "\n", "summary": summary(orpo, sft),
-                       "sum": sum_mode(orpo, orpo_sum), "time": f"{orpo[2]:.0f} s"})
+                       "lengths": lengths(mean, summed), "time": f"{orpo[2]:.0f} s",
+                       "lengths-summary": lengths_summary(mean, summed)})
     if "packing" in only:
         blocks["packing"] = packing()
     if "memory" in only:

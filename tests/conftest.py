@@ -7,10 +7,12 @@ has already imported them, then runs the script as `python script args` would (r
 cwd, environment, stdin, stdout, stderr, memory cap and exit code). MINORPO_TEST_FRESH=1 starts each run
 afresh instead.
 """
+import atexit
 import concurrent.futures
 import json
 import os
 import resource
+import shutil
 import signal
 import subprocess
 import sys
@@ -90,6 +92,41 @@ while True:
     time.sleep(0.02)
 """
 _zygote, _lock = None, threading.Lock()
+_tiny_base, _tiny_lock = None, threading.Lock()
+
+
+def tiny_base(folder=None):
+    """The embedded tiny base (minorpo/tiny.py), pre-trained once per test session (about 20 s) and copied into
+    folder if given. Every train.py run with model_name tiny would otherwise pre-train it again in its own
+    output_dir; _run and the torchrun tests put a copy there first (tests/test_tiny.py checks the build itself)."""
+    global _tiny_base
+    with _tiny_lock:
+        if _tiny_base is None:
+            from minorpo import tiny
+            threads = torch_threads(1)
+            cache = tempfile.mkdtemp(prefix="minorpo-tiny-")
+            atexit.register(shutil.rmtree, cache, True)
+            _tiny_base = tiny.ensure_model(os.path.join(cache, "tiny-base"))
+            torch_threads(threads)
+    if folder and not os.path.exists(folder):
+        shutil.copytree(_tiny_base, folder)
+    return folder or _tiny_base
+
+
+def torch_threads(n):
+    import torch
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    return old
+
+
+def seed_tiny_base(args, cwd=ROOT):
+    """Before a train.py run on the tiny model: its <output_dir>/tiny-base, copied from the session's."""
+    if not any(str(a).endswith("train.py") for a in args) or any(
+            str(a).startswith("model_name=") and str(a) != "model_name=tiny" for a in args):
+        return
+    out = next((str(a).split("=", 1)[1] for a in args if str(a).startswith("output_dir=")), "outputs")
+    tiny_base(os.path.join(cwd, out, "tiny-base"))
 
 
 def _fresh(args, cwd, timeout, memory_gb, env):
@@ -103,6 +140,7 @@ def _run(args, cwd=ROOT, timeout=300, memory_gb=6, env=None):
     """Run `python args...` with one thread, a memory cap (address space) and a hang guard of minutes.
     The cap and the timeout turn a regression that eats memory or hangs into a failed test."""
     global _zygote
+    seed_tiny_base(args, cwd)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT, **(env or {})}
     if os.environ.get("MINORPO_TEST_FRESH"):
         return _fresh(args, cwd, timeout, memory_gb, env)

@@ -4,6 +4,7 @@ import builtins
 import io
 
 import pytest
+from conftest import tiny_base
 import torch
 
 from minorpo import chat, data, lora, tiny
@@ -14,7 +15,7 @@ MAX_NEW = 12
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
-    return tiny.ensure_model(str(tmp_path_factory.mktemp("chat") / "tiny-model"))
+    return tiny_base(str(tmp_path_factory.mktemp("chat") / "tiny-base"))
 
 
 def expected_answer(folder, messages, max_new_tokens=MAX_NEW, model=None):

@@ -5,7 +5,7 @@ import subprocess
 import sys
 
 import torch
-from conftest import _run
+from conftest import _run, seed_tiny_base
 from safetensors.torch import load_file
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -20,6 +20,7 @@ def run(out, nproc, *overrides):
     if nproc == 1:
         p = _run(args)
     else:
+        seed_tiny_base(args)  # the session's pre-trained tiny base, not one pre-trained again by rank 0
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args]
         p = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300,
                            env={**os.environ, "OMP_NUM_THREADS": "1"})

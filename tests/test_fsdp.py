@@ -6,7 +6,7 @@ import signal
 import subprocess
 import sys
 
-from conftest import _run
+from conftest import _run, seed_tiny_base
 from safetensors.torch import load_file
 from test_ddp import COMMON, ROOT, assert_close, run, train_rows, weights
 
@@ -117,6 +117,7 @@ def test_a_killed_rank_stops_the_others(tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            os.path.join(ROOT, "train.py"), os.path.join(ROOT, "presets", "orpo.yml"), f"output_dir={tmp_path}",
            *COMMON, "training.max_steps=100000", "training.batch_size=4", "training.fsdp=true"]
+    seed_tiny_base(cmd)
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
                          env={**os.environ, "OMP_NUM_THREADS": "1"})
     try:

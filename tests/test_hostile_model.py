@@ -9,6 +9,7 @@ import struct
 
 import pytest
 import torch
+from conftest import tiny_base
 from safetensors.torch import load_file
 
 from minorpo import tiny
@@ -21,7 +22,7 @@ RUN = ["training.eval_every=0", "sample.max_new_tokens=4"]
 def shared(tmp_path_factory):
     """The tiny model and 100 tiny pairs (enough for a batch of 16), built once for every test here."""
     root = tmp_path_factory.mktemp("shared")
-    return tiny.ensure_model(str(root / "tiny-model")), tiny.ensure_pairs(str(root / "pairs.jsonl"), n=100)
+    return tiny_base(str(root / "tiny-base")), tiny.ensure_pairs(str(root / "pairs.jsonl"), n=100)
 
 
 def contents(folder):

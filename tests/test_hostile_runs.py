@@ -7,6 +7,7 @@ import socket
 import struct
 
 import pytest
+from conftest import tiny_base
 
 from minorpo import tiny
 
@@ -30,7 +31,7 @@ def poison(path, tensor, value):
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
-    return tiny.ensure_model(str(tmp_path_factory.mktemp("runs") / "tiny-model"))
+    return tiny_base(str(tmp_path_factory.mktemp("runs") / "tiny-base"))
 
 
 @pytest.mark.parametrize("value", [float("nan"), float("-inf")])
@@ -54,8 +55,8 @@ runpy.run_path("train.py", run_name="__main__")
 def test_a_file_size_limit_is_one_line_naming_the_path_and_leaves_no_half_folder(tmp_path, run_limited,
                                                                                   one_line_error):
     out = tmp_path / "out"
-    tiny.ensure_model(str(out / "tiny-model"))  # 3 MB: written here, before the limit
-    tiny.ensure_pairs(str(out / "tiny-data" / "pairs.jsonl"))
+    tiny_base(str(out / "tiny-base"))  # 3 MB: written here, before the limit
+    tiny.ensure_pairs(str(out / "tiny-data" / "endings.jsonl"))
     p = run_limited(["-c", LIMITED, "presets/orpo.yml", f"output_dir={out}", *FAST, "training.max_steps=2"])
     one_line_error(p, "File too large", f"{out / 'orpo' / 'final' / 'model.safetensors'}")
     assert sorted(os.listdir(out / "orpo")) == ["config.yml", "metrics.jsonl"]  # no final/, no temporary folder

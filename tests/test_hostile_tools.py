@@ -6,6 +6,7 @@ import shlex
 import shutil
 
 import pytest
+from conftest import tiny_base
 import torch
 
 from minorpo import checkpoint, config, lora, tiny
@@ -36,7 +37,7 @@ def test_an_empty_target_list_for_a_trained_lora_group_names_that_key(run_many, 
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
-    return tiny.ensure_model(str(tmp_path_factory.mktemp("tools") / "tiny-model"))
+    return tiny_base(str(tmp_path_factory.mktemp("tools") / "tiny-base"))
 
 
 def test_chat_without_im_end_names_the_tokenizer_file_and_its_own_option(tiny_model, tmp_path, run_many,

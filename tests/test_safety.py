@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+from conftest import seed_tiny_base
 import torch
 from safetensors.torch import load_file
 
@@ -64,10 +65,10 @@ def test_every_refused_start_names_the_way_out_and_changes_nothing_on_disk(run_m
     naming the folder or setting, and no byte under the output folder changes (config.yml included: a
     refused setting is never recorded)."""
     run, resume = done / "orpo", f"training.resume_from={done / 'orpo' / 'step_000006'}"
-    lines = (done / "tiny-data" / "pairs.jsonl").read_text().splitlines(keepends=True)
+    lines = (done / "tiny-data" / "endings.jsonl").read_text().splitlines(keepends=True)
     row = json.loads(lines[0])
     (done / "other.jsonl").write_text(json.dumps({**row, "chosen": row["chosen"] + " extra"}) + "\n" + "".join(lines[1:]))
-    other_model = tiny.ensure_model(str(done / "other-model"), seed=1)
+    other_model = tiny.ensure_model(str(done / "other-model"), seed=1, pretrain_steps=0)
     cases = {  # name: (overrides, what the error line names)
         "same run_name": (["training.max_steps=2"], [str(run), "already holds a run", "run_name", resume]),
         "model inside the run": ([f"model_name={run / 'final'}", "training.max_steps=2"],
@@ -165,6 +166,7 @@ def test_an_unwritable_output_dir_is_one_line(run_limited, tmp_path, one_line_er
 
 def test_ctrl_c_saves_a_checkpoint_and_prints_the_command_that_resumes(tmp_path):
     cmd = [sys.executable, "train.py", "presets/orpo.yml", f"output_dir={tmp_path}", *FAST, "training.max_steps=5000"]
+    seed_tiny_base(cmd)
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     for line in proc.stdout:  # wait for the loop to start

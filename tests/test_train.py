@@ -4,7 +4,7 @@ import os
 
 import pytest
 import torch
-from conftest import _run
+from conftest import _run, tiny_base
 from safetensors.torch import load_file
 
 from minorpo import chat, checkpoint, files, lora
@@ -53,7 +53,7 @@ def test_orpo_run_lowers_loss_and_writes_outputs(orpo_run):
 def test_final_checkpoint_loads_back_and_generates(orpo_run):
     out, _ = orpo_run
     model = checkpoint.load_model(str(out / "orpo" / "final"))
-    base = checkpoint.load_model(str(out / "tiny-model"))
+    base = checkpoint.load_model(str(out / "tiny-base"))
     assert not torch.equal(model.lm_head.weight, base.lm_head.weight)  # it trained
     new = model.generate([1, 2, 3], max_new_tokens=5)
     assert len(new) == 5 and all(0 <= i < model.config.vocab_size for i in new)
@@ -66,7 +66,7 @@ def test_lora_run_saves_merged_model_and_peft_adapter(tmp_path):
     assert sorted(os.listdir(final / "adapter")) == ["adapter_config.json", "adapter_model.safetensors"]
     assert json.loads((final / "adapter" / "adapter_config.json").read_text())["r"] == 4
     # base + adapter, merged here, equals the merged checkpoint that train.py wrote
-    model = checkpoint.load_model(str(tmp_path / "tiny-model"))
+    model = checkpoint.load_model(str(tmp_path / "tiny-base"))
     chat.load_adapter(model, str(final / "adapter"))
     lora.merge_lora(model)
     saved = load_file(str(final / "model.safetensors"))
@@ -74,7 +74,7 @@ def test_lora_run_saves_merged_model_and_peft_adapter(tmp_path):
         if name in saved:
             assert torch.allclose(tensor, saved[name], atol=1e-6), name
     assert not torch.equal(saved["model.layers.0.mlp.up_proj.weight"],
-                           checkpoint.load_model(str(tmp_path / "tiny-model")).model.layers[0].mlp.up_proj.weight)
+                           checkpoint.load_model(str(tmp_path / "tiny-base")).model.layers[0].mlp.up_proj.weight)
 
 
 def test_resume_ends_with_the_same_weights(tmp_path):
@@ -93,7 +93,7 @@ def test_resume_ends_with_the_same_weights(tmp_path):
 def overflowing_model(tmp_path):
     """The tiny model with one norm weight at 3e38: finite on disk, but every forward overflows to inf."""
     from minorpo import tiny
-    base = tiny.ensure_model(str(tmp_path / "base"))
+    base = tiny_base(str(tmp_path / "base"))
     model = checkpoint.load_model(base)
     with torch.no_grad():
         model.model.norm.weight.fill_(3e38)
