@@ -76,19 +76,19 @@ if cfg["loss"]["logp_reduction"] == "sum" and objective == "orpo":
 run_dir, model_dir, data_path, data_paths = runkeeping.prepare(cfg, master, launched, log)
 tokenizer = data.load_tokenizer(model_dir)
 max_length, eval_path = data_cfg["max_length"], data_cfg["eval_path"]
-rows = data.read_jsonl(data_path, max_length=max_length)
+rows = data.read_jsonl(data_path, max_length=max_length, task=data_cfg["task"], fmt=data_cfg["format"])
 if eval_path:
-    train_rows, eval_rows = rows, data.read_jsonl(eval_path, max_length=max_length)
+    train_rows, eval_rows = rows, data.read_jsonl(eval_path, max_length, data_cfg["task"], data_cfg["format"])
 else:  # split the rows, not the examples, so the held-out set does not depend on filtering
     train_rows, eval_rows = batches.split_examples(rows, data_cfg["eval_fraction"], cfg["seed"])
 preprocess = dict(fmt=data_cfg["format"], template=data_cfg["template"], max_length=max_length,
                   max_prompt_length=data_cfg["max_prompt_length"])
 train_set, filter_lines = data.make_examples(train_rows, tokenizer, data_cfg["task"], source=data_path,
                                              **preprocess)
-eval_task = formats.eval_task(data_cfg["task"], eval_rows)  # an SFT run still scores held-out pairs
+pairs = formats.eval_pairs(data_cfg["task"], eval_rows)  # an SFT run on pairs still scores held-out pairs
 eval_source = eval_path or f"{data_path} (held out)"
-eval_set, eval_filter_lines = data.make_examples(eval_rows, tokenizer, eval_task, source=eval_source,
-                                                 **preprocess) if eval_rows else ([], [])
+eval_set, eval_filter_lines = data.make_examples(eval_rows, tokenizer, data_cfg["task"], source=eval_source,
+                                                 pairs=pairs, **preprocess) if eval_rows else ([], [])
 stop_ids, pad_id = data.stop_and_pad_ids(tokenizer, data_cfg["template"])
 for line in filter_lines + eval_filter_lines:
     log(line)
