@@ -67,6 +67,7 @@ def autocast():  # bf16: the matmuls in bf16 (torch.autocast); fp32: nothing to 
     return torch.autocast(device.split(":")[0], dtype=torch.bfloat16)
 
 
+runkeeping.claim(cfg, master)  # the run folder: checked and locked for this run before anything is printed
 log(f"[config]\n{config.dump(cfg)}[device] {device}, {'bf16' if bf16 else 'fp32'}, "
     f"{threads} CPU threads, {world} process{'es' if world > 1 else ''}")
 if cfg["loss"]["logp_reduction"] == "sum" and objective == "orpo":
@@ -177,10 +178,11 @@ def save_checkpoint(it):  # every rank calls it (FSDP gathers the shards); only 
 metrics_log = runs.MetricsLog(os.path.join(run_dir, "metrics.jsonl"), objective, enabled=master)
 fingerprint = runs.trajectory(config.flat(cfg), data_paths, checkpoint.fingerprint_files(model_dir), world)
 fingerprint.update({"train examples": len(train_set), "precision": "bf16" if bf16 else "fp32"})
-it, epoch, position, skipped = runkeeping.resume(train_cfg, model, optimizer, names, fingerprint,
-                                                 metrics_log, log)  # all zero for a new run
+it, epoch, position, skipped = runkeeping.resume(train_cfg, model, optimizer, names, fingerprint, run_dir)  # or 0s
 bad_in_row, last_saved = 0, train_cfg["resume_from"] or None
-config.save(cfg, run_dir) if master else None  # after the resume checks: never a refused setting
+order = batch_order(epoch)
+runkeeping.check_order(order, position, len(train_set), train_cfg, world, last_saved)
+runkeeping.begin(cfg, run_dir, it, metrics_log, master, log)  # the first writes, after every check
 phase = lora.phase_at(train_cfg["phases"], it)
 n_train, n_total = distributed.set_trainable(model, phase)
 log(f"[model] {model_dir}: training {phase}: {n_train:,} of {n_total:,} parameters "
@@ -190,9 +192,7 @@ if model_ranks and it == 0 and sample_prompts:
 eval_every, save_every = train_cfg["eval_every"], train_cfg["save_every"]
 if model_ranks and it == 0 and eval_set and eval_every:  # the start of the eval curves
     metrics_log.write({"step": 0, **run_eval()})
-order = batch_order(epoch)
-runkeeping.check_order(order, position, len(train_set), world, last_saved)
-stop = runs.CtrlC()  # a first Ctrl-C asks the loop to finish its step, save, and say how to resume
+stop = runs.CtrlC()  # a first Ctrl-C or SIGTERM asks the loop to finish its step, save, and say how to resume
 t_start, start_it = time.time(), it
 while it < max_steps:
     if lora.phase_at(train_cfg["phases"], it) != phase:  # a new phase: switch the trainable groups

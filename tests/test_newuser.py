@@ -80,3 +80,19 @@ def test_a_layout_that_does_not_fit_the_rows_names_the_setting_that_does(tmp_pat
     with pytest.raises(data.DataError, match="missing field") as e:
         data.read_jsonl(str(path), task=task, fmt=fmt)
     assert str(e.value).startswith(f"{path}:1: ") and hint in str(e.value)
+
+
+def test_rerunning_the_set_up_command_is_refused_before_the_config_and_says_how_to_start_over(tmp_path, run_limited,
+                                                                                                 one_line_error):
+    """And the step line says its numbers are a mean since the last line; [progress] gives the last step's."""
+    args = ["train.py", "presets/orpo.yml", f"output_dir={tmp_path}", *FAST]
+    first = run_limited(args)
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert "step     2 | mean of 2 steps: loss " in first.stdout
+    assert "[progress] step 2/2 | this step's loss " in first.stderr
+    before = {p: p.read_bytes() for p in (tmp_path / "orpo").rglob("*") if p.is_file()}
+    again = run_limited(args)
+    one_line_error(again, f"{tmp_path / 'orpo'} already holds a run, with no checkpoint to continue from",
+                   "start over with a new run_name, or delete")
+    assert again.stdout == "" and again.stderr.count("\n") == 1  # the one line, before the printed config
+    assert {p: p.read_bytes() for p in (tmp_path / "orpo").rglob("*") if p.is_file()} == before
