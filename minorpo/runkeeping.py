@@ -66,6 +66,10 @@ def lock(run_dir):
             os.close(fd)
             raise files.UserError(f"{run_dir} is in use: process {pid} is running there (started with the same "
                                   "run_name); wait for it to end, or choose another run_name") from None
+        except OSError as e:  # a file system without locks (some network ones): run, and say what is not guarded
+            print(f"[warning] {path}: cannot lock ({e.strerror}); a second run started here would not be stopped",
+                  file=sys.stderr)
+            break
         try:
             if os.stat(path, follow_symlinks=False).st_ino == os.fstat(fd).st_ino:
                 break  # still the file at that name: not one that the process before us removed as we opened it
