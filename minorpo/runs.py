@@ -8,6 +8,7 @@
 Decisions:
 - A run folder belongs to one run: starting a run in a folder that holds one is refused (continue that run
   with training.resume_from=its latest checkpoint), and a run never writes where its model or data come from.
+  While a run runs, its LOCK file (runkeeping.lock) keeps a second start with the same run_name out.
 - A checkpoint records all that decides the rest of the trajectory: every setting but the RESUMABLE ones, a
   hash of the data and a fingerprint of the base model. A resume differing in any of it is refused, listing
   the differences; a RESUMABLE key is applied from the new config.
