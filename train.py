@@ -67,6 +67,7 @@ def autocast():  # bf16: the matmuls in bf16 (torch.autocast); fp32: nothing to 
     return torch.autocast(device.split(":")[0], dtype=torch.bfloat16)
 
 
+runkeeping.claim(cfg, master)  # the run folder: checked and locked for this run before anything is printed
 log(f"[config]\n{config.dump(cfg)}[device] {device}, {'bf16' if bf16 else 'fp32'}, "
     f"{threads} CPU threads, {world} process{'es' if world > 1 else ''}")
 if cfg["loss"]["logp_reduction"] == "sum" and objective == "orpo":
@@ -76,19 +77,19 @@ if cfg["loss"]["logp_reduction"] == "sum" and objective == "orpo":
 run_dir, model_dir, data_path, data_paths = runkeeping.prepare(cfg, master, launched, log)
 tokenizer = data.load_tokenizer(model_dir)
 max_length, eval_path = data_cfg["max_length"], data_cfg["eval_path"]
-rows = data.read_jsonl(data_path, max_length=max_length)
+rows = data.read_jsonl(data_path, max_length=max_length, task=data_cfg["task"], fmt=data_cfg["format"])
 if eval_path:
-    train_rows, eval_rows = rows, data.read_jsonl(eval_path, max_length=max_length)
+    train_rows, eval_rows = rows, data.read_jsonl(eval_path, max_length, data_cfg["task"], data_cfg["format"])
 else:  # split the rows, not the examples, so the held-out set does not depend on filtering
     train_rows, eval_rows = batches.split_examples(rows, data_cfg["eval_fraction"], cfg["seed"])
 preprocess = dict(fmt=data_cfg["format"], template=data_cfg["template"], max_length=max_length,
                   max_prompt_length=data_cfg["max_prompt_length"])
 train_set, filter_lines = data.make_examples(train_rows, tokenizer, data_cfg["task"], source=data_path,
                                              **preprocess)
-eval_task = formats.eval_task(data_cfg["task"], eval_rows)  # an SFT run still scores held-out pairs
+pairs = formats.eval_pairs(data_cfg["task"], eval_rows)  # an SFT run on pairs still scores held-out pairs
 eval_source = eval_path or f"{data_path} (held out)"
-eval_set, eval_filter_lines = data.make_examples(eval_rows, tokenizer, eval_task, source=eval_source,
-                                                 **preprocess) if eval_rows else ([], [])
+eval_set, eval_filter_lines = data.make_examples(eval_rows, tokenizer, data_cfg["task"], source=eval_source,
+                                                 pairs=pairs, **preprocess) if eval_rows else ([], [])
 stop_ids, pad_id = data.stop_and_pad_ids(tokenizer, data_cfg["template"])
 for line in filter_lines + eval_filter_lines:
     log(line)
@@ -177,10 +178,11 @@ def save_checkpoint(it):  # every rank calls it (FSDP gathers the shards); only 
 metrics_log = runs.MetricsLog(os.path.join(run_dir, "metrics.jsonl"), objective, enabled=master)
 fingerprint = runs.trajectory(config.flat(cfg), data_paths, checkpoint.fingerprint_files(model_dir), world)
 fingerprint.update({"train examples": len(train_set), "precision": "bf16" if bf16 else "fp32"})
-it, epoch, position, skipped = runkeeping.resume(train_cfg, model, optimizer, names, fingerprint,
-                                                 metrics_log, log)  # all zero for a new run
+it, epoch, position, skipped = runkeeping.resume(train_cfg, model, optimizer, names, fingerprint, run_dir)  # or 0s
 bad_in_row, last_saved = 0, train_cfg["resume_from"] or None
-config.save(cfg, run_dir) if master else None  # after the resume checks: never a refused setting
+order = batch_order(epoch)
+runkeeping.check_order(order, position, len(train_set), train_cfg, world, last_saved)
+runkeeping.begin(cfg, run_dir, it, metrics_log, master, log)  # the first writes, after every check
 phase = lora.phase_at(train_cfg["phases"], it)
 n_train, n_total = distributed.set_trainable(model, phase)
 log(f"[model] {model_dir}: training {phase}: {n_train:,} of {n_total:,} parameters "
@@ -190,9 +192,7 @@ if model_ranks and it == 0 and sample_prompts:
 eval_every, save_every = train_cfg["eval_every"], train_cfg["save_every"]
 if model_ranks and it == 0 and eval_set and eval_every:  # the start of the eval curves
     metrics_log.write({"step": 0, **run_eval()})
-order = batch_order(epoch)
-runkeeping.check_order(order, position, len(train_set), world, last_saved)
-stop = runs.CtrlC()  # a first Ctrl-C asks the loop to finish its step, save, and say how to resume
+stop = runs.CtrlC()  # a first Ctrl-C or SIGTERM asks the loop to finish its step, save, and say how to resume
 t_start, start_it = time.time(), it
 while it < max_steps:
     if lora.phase_at(train_cfg["phases"], it) != phase:  # a new phase: switch the trainable groups

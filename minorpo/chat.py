@@ -202,7 +202,7 @@ def single_turn_note(model_folder):
             os.path.join(model_folder, "config.yml")) else {}
     except UserError:  # not train.py's config.yml: nothing to say about the data
         return None
-    if isinstance(tree.get("data"), dict) and tree["data"].get("path") == "tiny":
+    if isinstance(tree.get("data"), dict) and tree["data"].get("path") in ("tiny", "tiny-lengths"):
         return (f"[chat] {model_folder} was trained on single-turn pairs (the embedded demo's, data.path: tiny): "
                 "answers to later turns are outside its training; /reset starts a new conversation")
     return None

@@ -83,10 +83,10 @@ def prompt_ids(tokenizer, prompt, template="chatml"):
     return _tokenize([(pieces, [])], tokenizer)[0][0][0]
 
 
-def _render(row, task, template, ids, where, cap):
+def _render(row, task, template, ids, where, cap, pairs=False):
     """(prompt pieces, [answer pieces]) of a raw row. Strings are cut to `cap` characters as truncation
     cuts tokens: an answer keeps its beginning (and loses its end token), a prompt message its end."""
-    prompt, answers, train_assistant = formats.parse(row, task, where)
+    prompt, answers, train_assistant = formats.parse(row, task, where, pairs)
     end = ids["eot"] if prompt is None else ids["end"]  # None: a {"text"} row, every token trained
     answers = [[(a[:cap], True)] + [(end, True)] * (len(a) <= cap) for a in answers]
     if prompt is None:
@@ -96,21 +96,22 @@ def _render(row, task, template, ids, where, cap):
 
 
 def make_examples(rows, tokenizer, task, fmt="raw", template="chatml", max_length=512, max_prompt_length=256,
-                  source="data"):
+                  source="data", pairs=False):
     """Rows [(where, dict)] from read_jsonl -> (examples, report lines to print). task: sft | preference |
-    prompted_preference; fmt: raw (text, tokenized with the chat template) | processed (ids and labels)."""
+    prompted_preference; fmt: raw (text, tokenized with the chat template) | processed (ids and labels).
+    pairs: under sft, keep a preference row's rejected answer (formats.eval_pairs: the held-out pairs)."""
     ids = _template_ids(tokenizer, template) if fmt == "raw" else None
     vocab_size = max(tokenizer.get_vocab(with_added_tokens=True).values()) + 1  # ids may have gaps: the largest + 1
     dropped = {reason: [] for reason in FILTERS}  # why a row cannot be trained on -> the place of every such row
     parsed, places = [], []
     for where, row in rows:
         try:
-            parsed.append(formats.processed(row, task, where, vocab_size) if fmt == "processed" else
-                          _render(row, task, template, ids, where, CHARS_PER_TOKEN * max_length))
+            parsed.append(formats.processed(row, task, where, vocab_size, pairs) if fmt == "processed" else
+                          _render(row, task, template, ids, where, CHARS_PER_TOKEN * max_length, pairs))
             places.append(where)
         except Dropped as reason:
             dropped[str(reason)].append(where)
-    examples, cut = [], 0
+    examples, cut = [], []
     for where, (prompt, answers) in zip(places, parsed if fmt == "processed" else _tokenize(parsed, tokenizer)):
         prompt, answers, was_cut = truncate(prompt, answers, max_length, max_prompt_length)
         example = make_example(prompt, answers)
@@ -119,6 +120,6 @@ def make_examples(rows, tokenizer, task, fmt="raw", template="chatml", max_lengt
         elif len(answers) == 2 and answers[0] == answers[1]:
             dropped[IDENTICAL_CUT if was_cut else IDENTICAL].append(where)
         else:
-            cut += was_cut
+            cut += [where] * was_cut
             examples.append(example)
-    return examples, formats.report(dropped, examples, cut, task, source, max_length, max_prompt_length)
+    return examples, formats.report(dropped, examples, cut, task, source, max_length, max_prompt_length, pairs)

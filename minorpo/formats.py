@@ -74,8 +74,9 @@ def _parse_line(line, where):
     return row
 
 
-def read_jsonl(path, max_length=512):
-    """Every non-blank line of a JSONL file as ("path:line", dict); one over the bound, never held whole, is TooLong."""
+def read_jsonl(path, max_length=512, task=None, fmt="raw"):
+    """Every non-blank line of a JSONL file as ("path:line", dict); one over the bound, never held whole, is TooLong.
+    Given data.task, each row's layout is checked as it is read: a bad file stops at its first bad row."""
     if not os.path.isfile(path):
         kind = "a directory" if os.path.isdir(path) else "not found" if not os.path.exists(path) else "not a file"
         raise DataError(f"{path}: {kind}; expected a JSONL file (one JSON object a line), or `tiny`")
@@ -88,9 +89,51 @@ def read_jsonl(path, max_length=512):
                 rows.append((f"{path}:{number}", TooLong()))
             elif line.strip():
                 rows.append((f"{path}:{number}", _parse_line(line, f"{path}:{number}")))
+                if task:
+                    check_layout(rows[-1][1], task, fmt, rows[-1][0])
     if not rows:
         raise DataError(f"{path}: no rows (the file is empty or blank); expected one JSON object a line")
     return rows
+
+
+def _required(row, task, fmt, pairs=False):
+    """The fields a row needs under data.task and data.format; under sft, its own keys choose the layout."""
+    if fmt == "processed":
+        return PAIR_KEYS if task != "sft" or pairs else PAIR_KEYS[:2] if "chosen_input_ids" in row else SFT_KEYS
+    if task != "sft":
+        return ("prompt",) * (task == "prompted_preference") + ("chosen", "rejected")
+    if "chosen" in row:
+        return "chosen", "rejected"
+    return () if {"text", "messages"} & set(row) else ("prompt", "response")
+
+
+def _did_you_mean(row, task, fmt, missing):
+    """The setting (or field name) that fits a row whose layout data.task or data.format does not: '' if none."""
+    keys, ids, text = set(row), {"input_ids", "chosen_input_ids"}, {"prompt", "chosen", "response", "text", "messages"}
+    pairs = {"chosen", "rejected"} <= keys or {"chosen_input_ids", "rejected_input_ids"} <= keys
+    if fmt == "raw" and keys & ids and not keys & text:
+        return "data.format=processed (these rows hold token ids)"
+    if fmt == "processed" and keys & text and not keys & ids:
+        return "data.format=raw (these rows hold text)"
+    if task == "prompted_preference" and pairs and missing == "prompt":
+        return "data.task=preference (it takes the shared beginning of chosen and rejected as the prompt)"
+    if task != "sft" and not pairs and keys & {"response", "text", "messages", "input_ids"}:
+        return "presets/sft.yml (training.type=sft data.task=sft): these rows have no rejected answer"
+    alias = next((k for k in ("completion", "output", "answer") if k in keys), None)
+    return f'"response" for the field "{alias}"' if missing == "response" and alias else ""
+
+
+def check_layout(row, task, fmt, where, pairs=False):
+    """A row missing a field of its layout is one line naming the field, the layout and, if another setting
+    fits the row, that setting: 'did you mean data.task=preference?'."""
+    if isinstance(row, TooLong):
+        return
+    missing = next((key for key in _required(row, task, fmt, pairs) if key not in row), None)
+    if missing:
+        expected = (f"task {task} expects {LAYOUTS[task]}" if fmt == "raw" else f"task {task} with data.format="
+                    f"processed expects {{{', '.join(map(json.dumps, _required(row, task, fmt, pairs)))}}}")
+        hint = _did_you_mean(row, task, fmt, missing)
+        raise DataError(f'{where}: missing field "{missing}" ({expected})' + f"; did you mean {hint}?" * bool(hint))
 
 
 def turns(row, key, where, expected, role):
@@ -136,11 +179,13 @@ def _dialogue(row, keys, where, expected, prompt_required):
     return context or prompt, [answer[-1]["content"] for answer in answers]
 
 
-def parse(row, task, where):
+def parse(row, task, where, pairs=False):
     """(prompt messages or None for plain text, answer texts, whether earlier assistant turns train) of a
-    raw row under data.task; a malformed row is a DataError, one that cannot be trained on is Dropped."""
+    raw row under data.task; a malformed row is a DataError, one that cannot be trained on is Dropped.
+    pairs: an sft row's rejected answer is kept too (the held-out pairs of an SFT run)."""
     if isinstance(row, TooLong):
         raise Dropped(TOO_LONG)
+    check_layout(row, task, "raw", where, pairs)
     expected = f"task {task} expects {LAYOUTS[task]}"
     if task != "sft" or "chosen" in row:  # a preference row under sft trains on the chosen answer
         prompt, answers = _dialogue(row, ("chosen", "rejected"), where, expected, task == "prompted_preference")
@@ -155,7 +200,7 @@ def parse(row, task, where):
                 raise DataError(f'{where}: "chosen" and "rejected" share no beginning to use as the prompt; '
                                 f'add a "prompt" field ({expected})')
             prompt, answers = [{"role": "user", "content": answers[0][:cut]}], [a[cut:] for a in answers]
-        return prompt, answers[:1] if task == "sft" else answers, False
+        return prompt, answers[:1] if task == "sft" and not pairs else answers, False
     if "text" in row:
         if not isinstance(row["text"], str) or not row["text"].strip():
             raise DataError(f'{where}: field "text" must be a non-empty string ({expected})')
@@ -190,38 +235,48 @@ def example_problem(example, keys, vocab_size):
     return None
 
 
-def processed(row, task, where, vocab_size):
+def processed(row, task, where, vocab_size, pairs=False):
     """(prompt (ids, labels), [answer (ids, labels)]) of a pre-tokenized row (data.format=processed), checked."""
     if isinstance(row, TooLong):
         raise Dropped(TOO_LONG)
-    keys = PAIR_KEYS if task != "sft" else PAIR_KEYS[:2] if "chosen_input_ids" in row else SFT_KEYS
+    check_layout(row, task, "processed", where, pairs)
+    keys = _required(row, task, "processed", pairs)
     if problem := example_problem(row, keys, vocab_size):
         raise DataError(f"{where}: {problem} (task {task} with data.format=processed expects "
                         f"{{{', '.join(map(json.dumps, keys))}}})")
     return segments(dict(zip(PAIR_KEYS if len(keys) == 4 else SFT_KEYS, (row[key] for key in keys))))
 
 
-def eval_task(task, eval_rows):
-    """The task the held-out rows are scored as: an SFT run on preference rows still evaluates the pairs, to
-    watch the rejected answers (paper, Fig. 7)."""
-    pairs = any(k in next((row for _, row in eval_rows if row), {}) for k in ("rejected", "rejected_input_ids"))
-    return "prompted_preference" if task == "sft" and pairs else task
+def eval_pairs(task, eval_rows):
+    """Whether the held-out rows are scored as pairs: always under ORPO's tasks, and under sft when every one
+    is a pair, parsed as sft parses it (an SFT run on preference rows still watches the rejected answers:
+    paper, Fig. 7); other sft rows are scored as SFT rows."""
+    return task != "sft" or all("rejected" in row or "rejected_input_ids" in row for _, row in eval_rows
+                                if not isinstance(row, TooLong))
+
+
+def _lines(wheres):
+    """'line 3' or 'lines 3, 9, 12, ...': the first line numbers of "path:line" places."""
+    numbers = [where.rsplit(":", 1)[-1] for where in wheres[:3]] + ["..."] * (len(wheres) > 3)
+    return f"line{'s' * (len(wheres) > 1)} {', '.join(numbers)}"
 
 
 def _note(reason, wheres, settings):
     """'filtered 2 rows with ... (lines 3, 9); raise ...': how many, why, the first line numbers, the fix."""
-    n, numbers = len(wheres), [where.rsplit(":", 1)[-1] for where in wheres[:3]] + ["..."] * (len(wheres) > 3)
-    note = f"filtered {n} row{'s' * (n > 1)} {reason} (line{'s' * (n > 1)} {', '.join(numbers)})"
+    n = len(wheres)
+    note = f"filtered {n} row{'s' * (n > 1)} {reason} ({_lines(wheres)})"
     return (note + f"; to keep such rows, {FILTERS[reason]}" * bool(FILTERS[reason])).format(**settings)
 
 
-def report(dropped, examples, cut, task, source, max_length, max_prompt_length):
-    """The [data] lines of make_examples: each filter's rows with their fix, then what is kept (a DataError
-    if nothing is). dropped: {reason: [where, ...]}; cut: how many kept examples truncation shortened."""
+def report(dropped, examples, cut, task, source, max_length, max_prompt_length, pairs=False):
+    """The [data] lines of make_examples: each filter's rows with their fix, then what is kept with the first
+    lines truncation shortened and the fix (a DataError if nothing is kept). dropped: {reason: [where, ...]};
+    cut: [where] of the kept examples that truncation shortened."""
     settings = dict(bound=max(1 << 20, 64 * max_length), max_length=max_length, max_prompt_length=max_prompt_length)
     notes = [_note(reason, wheres, settings) for reason, wheres in dropped.items() if wheres]
-    unit = "row" if task == "sft" else "pair"
+    unit = "row" if task == "sft" and not pairs else "pair"
     if not examples:
         raise DataError(f"{source}: no usable {unit}s left: {'; '.join(notes) or 'no rows'}")
-    kept = f"{len(examples)} {unit}{'s' * (len(examples) != 1)} ({cut} truncated to data.max_length={max_length})"
-    return [f"[data] {source}: {line}" for line in notes + [kept]]
+    where = f", {_lines(cut)}; raise data.max_length to keep them whole" if cut else ""
+    kept = f"{len(examples)} {unit}{'s' * (len(examples) != 1)} ({len(cut)} truncated to data.max_length="
+    return [f"[data] {source}: {line}" for line in notes + [f"{kept}{max_length}{where})"]]

@@ -7,10 +7,13 @@ state.py's (a checkpoint) and distributed.py's (several processes); the messages
 
 Decisions:
 - Every rank calls these (FSDP gathers its shards to save); rank 0 alone writes files and prints (`log`).
-- Every check of a resume comes before config.yml is written, so config.yml never records a refused setting.
+- The run folder is claimed (a lock) and checked before anything is printed; every check of a resume comes
+  before the first write (begin()), so a refused start leaves config.yml and metrics.jsonl as they were.
 - A non-finite weight is caught before it is saved, naming the last good checkpoint, which stays untouched.
 """
+import atexit
 import contextlib
+import fcntl
 import os
 import sys
 
@@ -20,46 +23,128 @@ import torch.distributed as dist
 from minorpo import checkpoint, config, data, distributed, files, lora, runs, state, step, tiny
 
 
-def prepare(cfg, master, launched, log):
-    """(run_dir, model_dir, data_path, data_paths): the embedded tiny model and pairs are built if asked for,
-    and rank 0 checks the run folder (never reused for a new run: runs.py) and removes a killed run's leftovers."""
-    run_dir = os.path.join(cfg["output_dir"], cfg["run_name"])
-    model_dir = (tiny.ensure_model(os.path.join(cfg["output_dir"], "tiny-base"), build=master)  # the embedded demo
-                 if cfg["model_name"] == "tiny" else checkpoint.resolve(cfg["model_name"]))  # model, or a checkpoint
-    data_path, eval_path = cfg["data"]["path"], cfg["data"]["eval_path"]
+def _places(cfg):
+    """(run_dir, model_dir, data_path, eval_path): where the run writes and reads, nothing built yet."""
+    model_dir = (os.path.join(cfg["output_dir"], "tiny-base") if cfg["model_name"] == "tiny"  # the embedded demo
+                 else checkpoint.resolve(cfg["model_name"]))  # a model folder, Hub id, or a run's checkpoint
+    data_path = cfg["data"]["path"]
     if data_path in tiny.VARIANTS:  # the embedded synthetic preference pairs: tiny, tiny-lengths
-        data_path = tiny.ensure_pairs(os.path.join(cfg["output_dir"], "tiny-data", tiny.VARIANTS[data_path]),
-                                      build=master, variant=data_path)
+        data_path = os.path.join(cfg["output_dir"], "tiny-data", tiny.VARIANTS[data_path])
+    return os.path.join(cfg["output_dir"], cfg["run_name"]), model_dir, data_path, cfg["data"]["eval_path"]
+
+
+def claim(cfg, master):
+    """Before anything is printed or written: rank 0 checks the run folder (runs.check_run_folder: never reused
+    for a new run), then claims it for this process (a lock naming it, gone at exit), then checks it again
+    (another start may have written there meanwhile)."""
+    if not master:
+        return
+    run_dir, model_dir, data_path, eval_path = _places(cfg)
+    check = lambda: runs.check_run_folder(run_dir, cfg["training"]["resume_from"], model_dir,  # noqa: E731
+                                          [data_path] + ([eval_path] if eval_path else []))
+    check()
+    lock(run_dir)
+    check()
+
+
+def lock(run_dir):
+    """Claim run_dir: its .lock file, held with flock (which ends with the process, so a killed run's lock is
+    free again) and holding our pid; removed at exit, with the folders made for it if they stayed empty.
+    A folder another live process holds is refused in one line naming that process."""
+    made = []
+    for folder in (run_dir, os.path.dirname(run_dir)):
+        if folder and not os.path.exists(folder):
+            made.append(folder)
+    os.makedirs(run_dir, exist_ok=True)
+    path = os.path.join(run_dir, runs.LOCK)
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            pid = os.read(fd, 20).decode("ascii", "replace").strip() or "?"
+            os.close(fd)
+            raise files.UserError(f"{run_dir} is in use: process {pid} is running there (started with the same "
+                                  "run_name); wait for it to end, or choose another run_name") from None
+        except OSError as e:  # a file system without locks (some network ones): run, and say what is not guarded
+            print(f"[warning] {path}: cannot lock ({e.strerror}); a second run started here would not be stopped",
+                  file=sys.stderr)
+            break
+        try:
+            if os.stat(path, follow_symlinks=False).st_ino == os.fstat(fd).st_ino:
+                break  # still the file at that name: not one that the process before us removed as we opened it
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    atexit.register(_unlock, fd, path, made)
+
+
+def _unlock(fd, path, made):
+    with contextlib.suppress(OSError):
+        os.remove(path)
+    os.close(fd)
+    for folder in made:  # deepest first; only an empty folder goes
+        with contextlib.suppress(OSError):
+            os.rmdir(folder)
+
+
+def prepare(cfg, master, launched, log):
+    """(run_dir, model_dir, data_path, data_paths), after claim(): the embedded tiny model and pairs are built if
+    asked for, and rank 0 removes a killed run's leftovers (runs.recover)."""
+    run_dir, model_dir, data_path, eval_path = _places(cfg)
+    if cfg["model_name"] == "tiny":
+        tiny.ensure_model(model_dir, build=master)
+    if cfg["data"]["path"] in tiny.VARIANTS:
+        tiny.ensure_pairs(data_path, build=master, variant=cfg["data"]["path"])
     data_paths = [data_path] + ([eval_path] if eval_path else [])
     if master:
-        runs.check_run_folder(run_dir, cfg["training"]["resume_from"], model_dir, data_paths)
+        runs.check_eval_path(data_path, eval_path)
         for line in runs.recover(run_dir):
             log(line)
     dist.barrier() if launched else None  # rank 0 has written the tiny model and data, and checked the run folder
     return run_dir, model_dir, data_path, data_paths
 
 
-def resume(train_cfg, model, optimizer, names, fingerprint, metrics_log, log):
+def resume(train_cfg, model, optimizer, names, fingerprint, run_dir):
     """(step, epoch, position, skipped): zeros for a new run; for training.resume_from, the checkpoint's, after
-    state.py has checked it against `fingerprint` and loaded the weights and AdamW state, and metrics.jsonl is
-    cut back to its step."""
+    state.py has checked it against `fingerprint` and loaded the weights and AdamW state. Checks only: nothing
+    is written before begin(). A checkpoint at training.max_steps whose run has no final/ goes on to final/."""
     if not train_cfg["resume_from"]:
         return 0, 0, 0, 0
     meta = state.load(train_cfg["resume_from"], model, optimizer, names, fingerprint)
-    it = meta["step"]
-    if it >= train_cfg["max_steps"]:
+    it, final = meta["step"], os.path.join(run_dir, "final")
+    if it > train_cfg["max_steps"] or it == train_cfg["max_steps"] and os.path.lexists(final):
+        has = f", and {final} already holds its model" if it == train_cfg["max_steps"] else ""
         raise config.ConfigError(f"{train_cfg['resume_from']} is at step {it} and training.max_steps is "
-                                 f"{train_cfg['max_steps']}: nothing to train; raise training.max_steps")
-    for line in metrics_log.keep_up_to(it):
-        log(line)
-    log(f"[resume] {train_cfg['resume_from']}: continuing at step {it} of {train_cfg['max_steps']}")
+                                 f"{train_cfg['max_steps']}{has}: nothing to train; raise training.max_steps")
     return it, meta["epoch"], meta["position"], meta["skipped"]
 
 
-def check_order(order, position, examples, world, last_saved):
-    """An epoch's batch order must give every rank a pair, and a resumed position must lie inside it."""
+def begin(cfg, run_dir, it, metrics_log, master, log):
+    """The first writes, after every check: metrics.jsonl kept up to the resumed step, config.yml (never a
+    refused setting)."""
+    train_cfg = cfg["training"]
+    if train_cfg["resume_from"]:
+        for line in metrics_log.keep_up_to(it):
+            log(line)
+        log(f"[resume] {train_cfg['resume_from']}: continuing at step {it} of {train_cfg['max_steps']}" +
+            " (training.max_steps: writing final/ only)" * (it == train_cfg["max_steps"]))
+    config.save(cfg, run_dir) if master else None
+
+
+def check_order(order, position, examples, train_cfg, world, last_saved):
+    """An epoch's batch order must give every rank a pair and each step its micro-batches, and a resumed
+    position must lie inside it."""
     if not order:
         raise data.DataError(f"{examples} training examples cannot give each of {world} ranks a pair")
+    accum, ranks = train_cfg["grad_accum_steps"], f" x {world} ranks" * (world > 1)
+    if accum > len(order):
+        raise config.ConfigError(f"training.grad_accum_steps={accum} asks for more micro-batches a step than an epoch "
+                                 f"has: {examples} training examples make {len(order)} of training.batch_size="
+                                 f"{train_cfg['batch_size']}{ranks}; lower grad_accum_steps to {len(order)} or less, "
+                                 "or lower training.batch_size")
     if position > len(order):  # only a damaged or hand-edited state.json says so
         raise files.UserError(f"{last_saved}/state.json: position {position} past the {len(order)} batches; "
                               f"{state.FIX}")

@@ -8,6 +8,7 @@
 Decisions:
 - A run folder belongs to one run: starting a run in a folder that holds one is refused (continue that run
   with training.resume_from=its latest checkpoint), and a run never writes where its model or data come from.
+  While a run runs, its LOCK file (runkeeping.lock) keeps a second start with the same run_name out.
 - A checkpoint records all that decides the rest of the trajectory: every setting but the RESUMABLE ones, a
   hash of the data and a fingerprint of the base model. A resume differing in any of it is refused, listing
   the differences; a RESUMABLE key is applied from the new config.
@@ -19,6 +20,7 @@ import hashlib
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import sys
@@ -32,6 +34,7 @@ from minorpo.files import UserError, atomic_file, naming
 STEP = re.compile(r"^step_(\d{6,})$")
 # the temporary names files.atomic_folder (.name.1234abcd.tmp/.old) and atomic_write (name.1234abcd.tmp) use here
 LEFTOVER = re.compile(r"^(?:\.(final|step_\d{6,})|(config\.yml|metrics\.jsonl|metrics\.svg))\.[0-9a-f]{8}\.(tmp|old)$")
+LOCK = ".lock"  # the run folder's claim by the process that runs in it (runkeeping.claim): its pid
 CHECKPOINT_FILES = {"weights.safetensors", "optimizer.safetensors", "state.json"}  # what state.save writes
 RESUMABLE = ("run_name", "output_dir", "model_name", "device", "data.path", "data.eval_path",
              "training.max_steps", "training.log_every", "training.eval_every", "training.save_every",
@@ -65,7 +68,7 @@ def check_run_folder(run_dir, resume_from, model_dir, data_paths):
                             "run_name")
     if os.path.islink(run_dir):
         raise UserError(f"{run_dir} is a symbolic link; a run folder must be a real folder inside output_dir")
-    if not os.path.isdir(run_dir) or not os.listdir(run_dir):
+    if not os.path.isdir(run_dir) or not set(os.listdir(run_dir)) - {LOCK}:
         return
     last = (checkpoints(run_dir) or [None])[-1]
     if resume_from and last and os.path.realpath(resume_from) == os.path.realpath(last):
@@ -73,8 +76,24 @@ def check_run_folder(run_dir, resume_from, model_dir, data_paths):
     if resume_from and _inside(resume_from, run_dir):
         raise UserError(f"{resume_from} is not the latest checkpoint of {run_dir} ({last}); resuming there would "
                         f"mix two trajectories: resume from {last}, or copy it and resume into a new run_name")
-    way = f"training.resume_from={last}" if last else "nothing (it has no checkpoint: set training.save_every)"
-    raise UserError(f"{run_dir} already holds a run; choose a new run_name, or continue that run with {way}")
+    if last:
+        raise UserError(f"{run_dir} already holds a run; continue it with training.resume_from={last}, or start "
+                        f"over with a new run_name (or delete {run_dir})")
+    raise UserError(f"{run_dir} already holds a run, with no checkpoint to continue from (training.save_every was 0); "
+                    f"start over with a new run_name, or delete {run_dir}")
+
+
+def check_eval_path(data_path, eval_path):
+    """data.eval_path may not be data.path again (the same file, or a copy): the held-out numbers would be
+    measured on the training pairs."""
+    if not eval_path or not (os.path.isfile(data_path) and os.path.isfile(eval_path)):
+        return  # a missing file is read_jsonl's to report
+    same = os.path.samefile(data_path, eval_path)
+    if same or os.path.getsize(data_path) == os.path.getsize(eval_path) and \
+            file_hash(data_path, sample_above=None) == file_hash(eval_path, sample_above=None):
+        raise UserError(f"data.eval_path={eval_path} is {'the same file as' if same else 'a copy of'} data.path="
+                        f"{data_path}: the held-out numbers would be measured on the training pairs; give other "
+                        "pairs, or data.eval_path=null to hold out data.eval_fraction of data.path")
 
 
 def recover(run_dir):
@@ -155,7 +174,7 @@ class MetricsLog:
 
     def __init__(self, path, objective, enabled=True):
         self.path, self.objective, self.enabled, self.shown = path, objective, enabled, 0.0
-        self.sums, self.tokens, self.pending, self.since = {}, 0, 0, time.time()
+        self.sums, self.tokens, self.pending, self.since, self.averaged = {}, 0, 0, time.time(), 0
 
     def add(self, metrics, tokens):
         """Sum one step's metrics and real tokens until the next log line."""
@@ -169,6 +188,7 @@ class MetricsLog:
         row = {"step": step, **{f"train/{k}": v / self.pending for k, v in self.sums.items() if k != "skipped"},
                "train/lr": lr, "train/tokens": tokens, "train/tokens_per_s": tokens / (time.time() - self.since),
                "train/skipped_steps": skipped}
+        self.averaged = self.pending  # how many steps the next log line's numbers are the mean of
         self.sums, self.tokens, self.pending, self.since = {}, 0, 0, time.time()
         return row
 
@@ -201,7 +221,8 @@ class MetricsLog:
         """Print one readable line and append the same numbers as one JSON line."""
         line = f"step {row['step']:5d}"
         if "train/total_loss" in row:
-            line += f" | loss {row['train/total_loss']:.4f} | sft {row['train/sft_loss']:.4f}"
+            mean = f"mean of {self.averaged} steps" if self.averaged != 1 else "this step"
+            line += f" | {mean}: loss {row['train/total_loss']:.4f} | sft {row['train/sft_loss']:.4f}"
             if self.objective == "orpo":
                 line += (f" | or {row['train/orpo_loss']:.4f} | log OR {row['train/log_odds_ratio']:+.3f}"
                          f" | acc {row['train/pref_accuracy']:.2f}")
@@ -226,8 +247,9 @@ class MetricsLog:
             return
         self.shown = elapsed
         eta = elapsed / max(step, 1) * (max_steps - step)
-        line = f"[progress] step {step}/{max_steps} | loss {metrics.get('total_loss', float('nan')):.4f} | " \
-               f"{elapsed:.0f}s elapsed | eta {eta:.0f}s"
+        loss = metrics.get("total_loss", float("nan"))  # the last step's, where the log line has a mean
+        line = f"[progress] step {step}/{max_steps} | this step's loss {loss:.4f} | {elapsed:.0f}s elapsed | " \
+               f"eta {eta:.0f}s"
         print(f"\r{line}\033[K" if tty else line, end="\n" if not tty or step == max_steps else "",
               file=sys.stderr, flush=True)
 
@@ -239,22 +261,26 @@ class MetricsLog:
 
 
 class CtrlC:
-    """The first Ctrl-C sets `asked`, so the loop can finish its step and save; a second one stops at once."""
+    """The first Ctrl-C, or SIGTERM (what a scheduler sends before it takes the machine back), sets `asked`, so
+    the loop can finish its step and save; a second one stops at once."""
 
     def __init__(self):
         self.asked = False
         signal.signal(signal.SIGINT, self.ask)
+        signal.signal(signal.SIGTERM, self.ask)
 
     def ask(self, signum, frame):
         self.asked = True
         signal.signal(signal.SIGINT, signal.default_int_handler)
-        print("\n[interrupt] stopping after this step (Ctrl-C again to stop now)", file=sys.stderr, flush=True)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        print(f"\n[interrupt] {'Ctrl-C' if signum == signal.SIGINT else 'SIGTERM'}: stopping after this step to "
+              "save a checkpoint (Ctrl-C again to stop now)", file=sys.stderr, flush=True)
 
 
 def resume_command(argv, folder):
-    """The command line that continues this run from `folder`."""
+    """The command line that continues this run from `folder`, quoted for a POSIX shell."""
     kept = [a for a in argv if not a.startswith("training.resume_from=")]
-    return " ".join(["python", *kept, f"training.resume_from={folder}"])
+    return " ".join(shlex.quote(a) for a in ["python", *kept, f"training.resume_from={folder}"])
 
 
 def excepthook(kind, error, tb):

@@ -24,7 +24,7 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ZYGOTE = r"""
-import json, os, resource, runpy, sys, time, warnings
+import atexit, json, os, resource, runpy, sys, time, warnings
 warnings.filterwarnings("ignore", message="Failed to initialize NumPy")
 import torch, torch._dynamo, minorpo.checkpoint, minorpo.data  # noqa: E401  what every run would import first
 
@@ -55,6 +55,7 @@ def run(job):  # in the forked child: become `python args...` and exit with its 
     except BaseException:
         sys.excepthook(*sys.exc_info())
         code = 1
+    atexit._run_exitfuncs()  # as the interpreter does at exit (train.py's run-folder lock goes there)
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)

@@ -109,7 +109,8 @@ def test_truncation_keeps_the_prompt_end_and_the_response_beginnings(tok):
     assert ex["chosen_labels"][p:] == full_chosen[:28]  # cut: no end-of-turn token, all still trained
     im_end = tok.token_to_id("<|im_end|>")
     assert ex["rejected_input_ids"][p:] == enc(tok, "Four.") + [im_end]  # fits: keeps its end token
-    assert report[-1] == "[data] data: 1 pair (1 truncated to data.max_length=48)"
+    assert report[-1] == ("[data] data: 1 pair (1 truncated to data.max_length=48, line 1; raise data.max_length "
+                          "to keep them whole)")
     # The rule on plain segments: prompt cut from the left, both answers from the right, only when too long.
     prompt, answers = (list(range(10)), [-100] * 10), [(list(range(8)), list(range(8))), ([7], [7])]
     assert truncate(prompt, answers, 18, 5) == (prompt, answers, False)
@@ -329,7 +330,8 @@ def test_long_strings_are_cut_as_text_before_tokenizing(tok):
     p = first_trained(ex["chosen_labels"])
     assert ex["chosen_input_ids"][p:] == enc(tok, long_answer[:CHARS_PER_TOKEN * 32])[:32 - p]
     assert ex["chosen_input_ids"][:p] == prompt_ids(tok, "Say hello. " * 1000)[-p:]  # the prompt keeps its end
-    assert report[-1] == "[data] data: 1 pair (1 truncated to data.max_length=32)"
+    assert report[-1] == ("[data] data: 1 pair (1 truncated to data.max_length=32, line 1; raise data.max_length "
+                          "to keep them whole)")
     cut_exactly = "Four." * (CHARS_PER_TOKEN * 512 // 5 + 1)  # cut as text but short in tokens: no end token
     (ex,), _ = make(tok, dict(PAIR, chosen=cut_exactly), max_length=512)
     assert tok.token_to_id("<|im_end|>") not in ex["chosen_input_ids"][first_trained(ex["chosen_labels"]):]

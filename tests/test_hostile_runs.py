@@ -1,5 +1,6 @@
 """Issue 30's hostile cases for train.py's run folder and inputs: each runs the real train.py and looks at
 the disk afterwards."""
+import fcntl
 import json
 import os
 import shutil
@@ -140,3 +141,75 @@ def test_a_resume_after_a_crash_bounds_memory_for_zeroed_metrics_and_removes_a_h
     assert f"[recover] removed {out / 'orpo' / 'step_000002'}: a checkpoint without state.json" in p.stdout
     assert sorted(n for n in os.listdir(out / "orpo") if n.startswith(("step_", "."))) == \
         ["step_000004", "step_000006"]
+
+
+def test_a_refused_resume_rewrites_nothing_and_a_checkpoint_at_max_steps_gets_its_final(finished, tmp_path, run_many,
+                                                                                         one_line_error):
+    """A damaged state.json found after the settings check leaves config.yml and metrics.jsonl as they were
+    (a changed resumable setting is not recorded); a run whose final/ was never written gets it from its last
+    checkpoint, the same model the run would have saved."""
+    damaged, args = copy_run(finished, tmp_path / "damaged")
+    state = damaged / "orpo" / "step_000004" / "state.json"
+    state.write_text(json.dumps({**json.loads(state.read_text()), "position": 10 ** 6}))
+    before = files_of(damaged / "orpo")
+    no_final, _ = copy_run(finished, tmp_path / "no final")
+    shutil.rmtree(no_final / "orpo" / "final")
+    resume = [f"model_name={no_final / 'model'}", f"training.resume_from={no_final / 'orpo' / 'step_000004'}"]
+    done = run_many({"damaged": ["train.py", "presets/orpo.yml", f"output_dir={damaged}", *FAST, *args,
+                                 "training.log_every=1"],
+                     "no final": ["train.py", "presets/orpo.yml", f"output_dir={no_final}", *FAST, *resume,
+                                  "training.max_steps=4"]})
+    one_line_error(done["damaged"], f"{state}: position 1000000 past the")
+    assert files_of(damaged / "orpo") == before
+    p = done["no final"]
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "continuing at step 4 of 4 (training.max_steps: writing final/ only)" in p.stdout
+    written, saved = files_of(no_final / "orpo" / "final"), files_of(finished / "orpo" / "final")
+    assert written.pop("config.yml") != saved.pop("config.yml")  # its own paths (resume_from, output_dir)
+    assert written == saved  # the weights, tokenizer, config.json and metrics.jsonl, byte for byte
+
+
+def test_a_run_folder_is_claimed_by_one_process_at_a_time(tmp_path, run_limited, run_many, one_line_error):
+    """A folder another live run holds is refused in one line naming its process, before the config is printed;
+    the lock a killed run left behind is free; two starts together: one trains, the other is refused."""
+    held, stale = tmp_path / "held" / "orpo", tmp_path / "stale" / "orpo"
+    held.mkdir(parents=True)
+    stale.mkdir(parents=True)
+    (stale / ".lock").write_text("999999\n")  # no process holds it: a run killed with SIGKILL left it
+    with open(held / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        lock.write("4242\n")
+        lock.flush()
+        done = run_many({"held": ["train.py", "presets/orpo.yml", f"output_dir={held.parent}", *FAST,
+                                  "training.max_steps=2"],
+                         "stale": ["train.py", "presets/orpo.yml", f"output_dir={stale.parent}", *FAST,
+                                   "training.max_steps=2"]})
+    one_line_error(done["held"], f"{held} is in use: process 4242 is running there", "choose another run_name")
+    assert done["held"].stdout == "" and os.listdir(held) == [".lock"]
+    assert done["stale"].returncode == 0, done["stale"].stderr[-2000:]
+    assert not (stale / ".lock").exists() and (stale / "final").is_dir()
+    together = run_many({i: ["train.py", "presets/orpo.yml", f"output_dir={tmp_path / 'together'}", *FAST,
+                             "training.max_steps=4", "training.log_every=1"] for i in range(2)})
+    assert sorted(p.returncode == 0 for p in together.values()) == [False, True]
+    refused = next(p for p in together.values() if p.returncode)
+    one_line_error(refused, str(tmp_path / "together" / "orpo"))
+    assert "is in use: process" in refused.stderr or "already holds a run" in refused.stderr
+    steps = [json.loads(line)["step"] for line in open(tmp_path / "together" / "orpo" / "metrics.jsonl")]
+    assert steps == [1, 2, 3, 4]  # one run's rows, not two interleaved
+    assert not (tmp_path / "together" / "orpo" / ".lock").exists()
+
+
+def test_impossible_accumulation_and_held_out_pairs_that_are_the_training_pairs_are_refused(tmp_path, run_many,
+                                                                                            one_line_error):
+    pairs = tiny.ensure_pairs(str(tmp_path / "pairs.jsonl"), n=40)
+    shutil.copyfile(pairs, tmp_path / "copy.jsonl")
+    cases = {"accumulation": [f"data.path={pairs}", "data.eval_fraction=0", "training.grad_accum_steps=20"],
+             "same file": [f"data.path={pairs}", f"data.eval_path={tmp_path / '.' / 'pairs.jsonl'}"],
+             "a copy": [f"data.path={pairs}", f"data.eval_path={tmp_path / 'copy.jsonl'}"]}
+    done = run_many({name: ["train.py", "presets/orpo.yml", f"output_dir={tmp_path / 'out'}", f"run_name=r{i}",
+                            *FAST, "training.max_steps=2", *a] for i, (name, a) in enumerate(cases.items())})
+    one_line_error(done["accumulation"], "training.grad_accum_steps=20", "40 training examples make 10 of "
+                   "training.batch_size=4", "lower grad_accum_steps to 10 or less")
+    one_line_error(done["same file"], "is the same file as data.path", "data.eval_path=null")
+    one_line_error(done["a copy"], f"data.eval_path={tmp_path / 'copy.jsonl'} is a copy of data.path={pairs}")
+    assert not any((tmp_path / "out" / f"r{i}").exists() for i in range(3))  # no run folder left behind

@@ -3,6 +3,7 @@ import hashlib
 import json
 import os
 import shutil
+import shlex
 import signal
 import subprocess
 import sys
@@ -83,9 +84,13 @@ def test_every_refused_start_names_the_way_out_and_changes_nothing_on_disk(run_m
                                 ["not the latest checkpoint", "step_000006"]),
         "at max_steps already": ([resume, "training.max_steps=6"], ["at step 6", "raise training.max_steps"]),
     }
-    before = snapshot(done)
+    # a refused resume holds the run folder until its settings are checked (one run at a time): those that may
+    # start a new run_name from the checkpoint do so, all at once; the one that needs final/ stays in orpo
+    elsewhere = {name: [f"run_name=new{i}"] if name.startswith(("changed", "other", "another")) else []
+                 for i, name in enumerate(cases)}
+    before, before_names = snapshot(done), os.listdir(done)
     results = run_many({name: ["train.py", "presets/orpo.yml", f"output_dir={done}", *FAST, "training.max_steps=8",
-                               *overrides] for name, (overrides, _) in cases.items()})
+                               *overrides, *elsewhere[name]] for name, (overrides, _) in cases.items()})
     failures = []
     for name, (overrides, needles) in cases.items():
         try:
@@ -93,7 +98,7 @@ def test_every_refused_start_names_the_way_out_and_changes_nothing_on_disk(run_m
         except AssertionError as e:
             failures.append(f"{name}: {e}")
     assert not failures, "\n".join(failures)
-    assert snapshot(done) == before
+    assert snapshot(done) == before and sorted(os.listdir(done)) == sorted(before_names)
 
 
 IMPOSSIBLE = [("training.learning_rate=.inf", "training.learning_rate"),
@@ -193,3 +198,27 @@ def test_bf16_precision_trains_on_the_cpu_with_fp32_lora_masters(run_limited, tm
     merged = load_file(str(tmp_path / "orpo" / "final" / "model.safetensors"))
     assert {t.dtype for t in merged.values()} == {torch.bfloat16}
     assert all_finite(tmp_path / "orpo") is None
+
+
+def test_sigterm_saves_a_checkpoint_and_prints_a_quoted_command_that_resumes(tmp_path, run_limited):
+    """What a cluster scheduler sends before it takes the machine back is handled as the first Ctrl-C, and the
+    command it prints survives the shell with the README's phases override (spaces, brackets, braces)."""
+    phases = "training.phases=[{step: 0, trainable: [all]}]"
+    args = ["train.py", "presets/orpo.yml", f"output_dir={tmp_path / 'a b'}", *FAST, phases, "training.max_steps=5000"]
+    proc = subprocess.Popen([sys.executable, *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    for line in proc.stdout:  # wait for the loop to start
+        if line.startswith("step "):
+            break
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode not in (0, -signal.SIGTERM), err[-2000:]
+    assert "Traceback" not in err and "[interrupt] SIGTERM: stopping after this step" in err
+    command = shlex.split(err.strip().splitlines()[-1])  # as a shell reads the pasted line
+    folder = command[-1].split("training.resume_from=")[1]
+    assert command == ["python", *args, f"training.resume_from={folder}"]
+    assert os.path.isfile(os.path.join(folder, "state.json")) and all_finite(folder) is None
+    step = int(folder.rsplit("_", 1)[1])
+    p = run_limited([*command[1:-2], f"training.max_steps={step + 2}", command[-1]])  # it continues
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert f"continuing at step {step} of {step + 2}" in p.stdout and os.path.isdir(tmp_path / "a b" / "orpo" / "final")
