@@ -81,7 +81,7 @@ if eval_path:
 else:  # split the rows, not the examples, so the held-out set does not depend on filtering
     train_rows, eval_rows = batches.split_examples(rows, data_cfg["eval_fraction"], cfg["seed"])
 preprocess = dict(fmt=data_cfg["format"], template=data_cfg["template"], max_length=max_length,
-                  max_prompt_length=data_cfg["max_prompt_length"])
+                  max_prompt_length=data_cfg["max_prompt_length"], overlong=data_cfg["overlong"])
 train_set, filter_lines = data.make_examples(train_rows, tokenizer, data_cfg["task"], source=data_path,
                                              **preprocess)
 eval_task = formats.eval_task(data_cfg["task"], eval_rows)  # an SFT run still scores held-out pairs
