@@ -138,6 +138,8 @@ def get_lr(it):
 if not model.packs:  # the Qwen3.5 hybrid's DeltaNet state cannot skip the chosen answer: it pads
     data_cfg["layout"] = "padded"  # and config.yml records the layout used
 collate = packing.collate_for(data_cfg["layout"], pad_id, max_length)  # examples -> a batch
+prompt_loss = cfg["loss"]["sft_tokens"] == "prompt_and_response"  # the NLL trains the prompt too (eval: never)
+train_collate = packing.collate_for(data_cfg["layout"], pad_id, max_length, prompt_loss)
 lengths = [batches.example_length(ex) for ex in train_set]  # a pair's longer row: its padded length
 real_tokens = [sum(len(ids) for ids, _ in batches.rows_of(ex)) for ex in train_set]  # all its rows
 eval_batches = [collate(eval_set[i:i + batch_size]) for i in range(0, len(eval_set), batch_size)]
@@ -208,7 +210,7 @@ while it < max_steps:
         order = batch_order(epoch)
     step_idx = order[position:position + accum]  # this step's global micro-batches
     mine = [idx[rank::world] for idx in step_idx]  # this rank's share of each micro-batch
-    micro_batches = [collate([train_set[j] for j in idx]) for idx in mine]
+    micro_batches = [train_collate([train_set[j] for j in idx]) for idx in mine]
     position += accum
     torch.manual_seed(cfg["seed"] * 1_000_003 + it * 1009 + rank)  # dropout: a function of these three
     lr = get_lr(it)

@@ -25,8 +25,8 @@ def cosine_before_lr_schedule(it, peak, warmup, max_steps, min_lr_ratio):
 @pytest.mark.parametrize("it", [0, 1, 98, 199, 200, 201, 799, 5000])
 def test_inverse_sqrt_is_lr_times_min_of_step_over_warmup_and_root_of_warmup_over_step(it):
     s = it + 1  # the step being taken, counted from 1
-    assert schedule.lr_at(it, "inverse_sqrt", 5e-6, 200, 10**6) == pytest.approx(5e-6 * min(s / 200, math.sqrt(200 / s)),
-                                                                                 rel=1e-12)
+    expected = 5e-6 * min(s / 200, math.sqrt(200 / s))
+    assert schedule.lr_at(it, "inverse_sqrt", 5e-6, 200, 10**6) == pytest.approx(expected, rel=1e-12)
 
 
 def test_inverse_sqrt_by_hand_at_a_few_steps():
