@@ -151,7 +151,8 @@ def main():
                 assert len(common) == len(grads) == len(trl_grads), "parameter names differ"
                 grad_diff = max((trl_grads[k] - grads[k]).abs().max().item() for k in common)
                 scale = max(g.abs().max().item() for g in grads.values())
-                print(f"{name}, {layout} layout: nll_loss {trl_metrics['nll_loss']:.6f}, loss {trl_metrics['loss']:.6f}")
+                print(f"{name}, {layout} layout: TRL's nll_loss {trl_metrics['nll_loss']:.6f}, "
+                      f"loss {trl_metrics['loss']:.6f}")
                 for label, theirs, mine in pairs:
                     diff = abs(theirs - mine)
                     worst = max(worst, diff)
