@@ -110,3 +110,11 @@ def test_epochs_set_the_steps_a_run_takes_and_resume_keeps_them(tmp_path):
     assert "continuing at step 4 of 9" in p.stdout
     weights = [open(tmp_path / run / "final" / "model.safetensors", "rb").read() for run in ("through", "resumed")]
     assert weights[0] == weights[1]
+
+
+def test_the_new_keys_that_change_the_trajectory_are_in_the_resume_fingerprint():
+    from minorpo import runs
+    fingerprint = runs.trajectory(config.flat(config.load(ORPO)), [], {}, 1)
+    for key in ("loss.sft_tokens", "training.lr_schedule", "training.warmup_steps", "data.overlong"):
+        assert key in fingerprint, key  # a resume that changes one is refused
+    assert "training.epochs" not in fingerprint and "training.max_steps" not in fingerprint  # the length may change
