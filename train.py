@@ -11,7 +11,6 @@ Data parallel: torchrun --nproc_per_node=N train.py presets/orpo.yml ...  (train
 pairs per optimizer step = training.batch_size x training.grad_accum_steps x N.
 """
 import contextlib
-import math
 import os
 import sys
 import time
@@ -21,7 +20,7 @@ warnings.filterwarnings("ignore", message="Failed to initialize NumPy")  # minor
 import torch  # noqa: E402
 
 from minorpo import (batches, checkpoint, config, data, distributed, formats, lora,  # noqa: E402
-                     loss, packing, plot, runkeeping, runs, step)
+                     loss, packing, plot, runkeeping, runs, schedule, step)
 
 # -----------------------------------------------------------------------------
 # 1. config: a preset plus key=value overrides. A mistake in anything given ends in one line.
@@ -83,7 +82,7 @@ if eval_path:
 else:  # split the rows, not the examples, so the held-out set does not depend on filtering
     train_rows, eval_rows = batches.split_examples(rows, data_cfg["eval_fraction"], cfg["seed"])
 preprocess = dict(fmt=data_cfg["format"], template=data_cfg["template"], max_length=max_length,
-                  max_prompt_length=data_cfg["max_prompt_length"])
+                  max_prompt_length=data_cfg["max_prompt_length"], overlong=data_cfg["overlong"])
 train_set, filter_lines = data.make_examples(train_rows, tokenizer, data_cfg["task"], source=data_path,
                                              **preprocess)
 pairs = formats.eval_pairs(data_cfg["task"], eval_rows)  # an SFT run on pairs still scores held-out pairs
@@ -129,20 +128,19 @@ optimizer = step.adamw(trained, learning_rate, weight_decay, fused=on_cuda)
 distributed.log_memory_once(model, optimizer, rank, world)
 
 
-# 6. learning rate: linear warmup, then cosine decay to learning_rate * min_lr_ratio
+# 6. learning rate: a linear warm-up, then training.lr_schedule: cosine decay to learning_rate * min_lr_ratio,
+# inverse_sqrt (the paper's) or constant. The formulas: minorpo/schedule.py
 def get_lr(it):
-    peak, floor = learning_rate, learning_rate * train_cfg["min_lr_ratio"]
-    warmup = train_cfg["warmup_steps"]
-    if it < warmup:  # 1) linear warmup
-        return peak * (it + 1) / warmup
-    progress = (it - warmup) / max(1, max_steps - warmup)  # 2) cosine, 0 -> 1
-    return floor + 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0))) * (peak - floor)
+    return schedule.lr_at(it, train_cfg["lr_schedule"], learning_rate, train_cfg["warmup_steps"], max_steps,
+                          train_cfg["min_lr_ratio"])
 
 
 # 7. batches: a global micro-batch holds batch_size * world pairs; each rank collates its own slice
 if not model.packs:  # the Qwen3.5 hybrid's DeltaNet state cannot skip the chosen answer: it pads
     data_cfg["layout"] = "padded"  # and config.yml records the layout used
 collate = packing.collate_for(data_cfg["layout"], pad_id, max_length)  # examples -> a batch
+prompt_loss = cfg["loss"]["sft_tokens"] == "prompt_and_response"  # the NLL trains the prompt too (eval: never)
+train_collate = packing.collate_for(data_cfg["layout"], pad_id, max_length, prompt_loss)
 lengths = [batches.example_length(ex) for ex in train_set]  # a pair's longer row: its padded length
 real_tokens = [sum(len(ids) for ids, _ in batches.rows_of(ex)) for ex in train_set]  # all its rows
 eval_batches = [collate(eval_set[i:i + batch_size]) for i in range(0, len(eval_set), batch_size)]
@@ -154,6 +152,14 @@ reduction, orpo_lambda = cfg["loss"]["logp_reduction"], train_cfg["orpo_lambda"]
 def batch_order(epoch):  # the global micro-batches of an epoch, a function of (seed, epoch)
     return batches.batch_order(lengths, batch_size * world, cfg["seed"], epoch,
                                data_cfg["group_by_length"], ranks=world)
+
+
+if train_cfg["epochs"]:  # training.epochs: whole passes over the training pairs, as the loop below takes them
+    num_batches = len(batch_order(0))  # the same count every epoch (only the order changes)
+    max_steps, old_max_steps = schedule.max_steps_for_epochs(train_cfg["epochs"], num_batches, accum), max_steps
+    train_cfg["max_steps"] = max_steps  # what resume checks and config.yml records
+    log(schedule.epochs_line(train_cfg["epochs"], max_steps, len(train_set), num_batches, batch_size, world, accum,
+                             old_max_steps))
 
 
 def run_eval():  # pairs are scored as ORPO scores them; an SFT run's total is its SFT loss (lambda 0)
@@ -204,7 +210,7 @@ while it < max_steps:
         order = batch_order(epoch)
     step_idx = order[position:position + accum]  # this step's global micro-batches
     mine = [idx[rank::world] for idx in step_idx]  # this rank's share of each micro-batch
-    micro_batches = [collate([train_set[j] for j in idx]) for idx in mine]
+    micro_batches = [train_collate([train_set[j] for j in idx]) for idx in mine]
     position += accum
     torch.manual_seed(cfg["seed"] * 1_000_003 + it * 1009 + rank)  # dropout: a function of these three
     lr = get_lr(it)

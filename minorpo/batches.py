@@ -104,12 +104,20 @@ def batch_order(lengths, batch_size, seed, epoch, group_by_length=True, ranks=1)
     return [batch for batch in batches if len(batch) >= ranks]
 
 
-def collate(examples, pad_id):
-    """The batch as tensors {"input_ids", "labels"}: (2P, T) for P pairs, chosen rows first; (P, T) for sft."""
+def collate(examples, pad_id, prompt_loss=False):
+    """The batch as tensors {"input_ids", "labels"}: (2P, T) for P pairs, chosen rows first; (P, T) for sft.
+    prompt_loss (loss.sft_tokens: prompt_and_response) adds "prompt_labels" (rows, T): in the rows the NLL trains
+    (the first P: chosen, or every sft row) the ids of the untrained tokens but the first (nothing predicts it),
+    IGNORE_INDEX elsewhere, so that labels and prompt_labels together cover every token as TRL's nll_loss does."""
     rows = [row for side in zip(*map(rows_of, examples)) for row in side]  # chosen rows, then rejected rows
     T = max(len(ids) for ids, _ in rows)
-    return {"input_ids": torch.tensor([ids + [pad_id] * (T - len(ids)) for ids, _ in rows]),  # (rows, T)
-            "labels": torch.tensor([labels + [IGNORE_INDEX] * (T - len(labels)) for _, labels in rows])}
+    batch = {"input_ids": torch.tensor([ids + [pad_id] * (T - len(ids)) for ids, _ in rows]),  # (rows, T)
+             "labels": torch.tensor([labels + [IGNORE_INDEX] * (T - len(labels)) for _, labels in rows])}
+    if prompt_loss:
+        prompts = [[IGNORE_INDEX] + [i if label == IGNORE_INDEX else IGNORE_INDEX for i, label in zip(ids, labels)][1:]
+                   if r < len(examples) else [] for r, (ids, labels) in enumerate(rows)]
+        batch["prompt_labels"] = torch.tensor([p + [IGNORE_INDEX] * (T - len(p)) for p in prompts])
+    return batch
 
 
 def show_example(example, tokenizer, color=None):

@@ -53,7 +53,8 @@ CHOICES = {key: [word.split()[0].rstrip(":") for word in comment.split(" | ")]
            for key, (_, comment) in HELP.items() if " | " in comment}
 INTERVAL = re.compile(r"([\[(])(-?[\d.e+]+), (-?[\d.e+]+)([\])])")  # (0, 1] in a comment
 RANGES = {key: match for key, (_, comment) in HELP.items() if (match := INTERVAL.search(comment))}
-NULLABLE = {"training.orpo_lambda": float, "training.resume_from": str, "data.eval_path": str}  # None or this
+NULLABLE = {"training.orpo_lambda": float, "training.resume_from": str, "data.eval_path": str,  # None or this
+            "training.epochs": float}
 EXAMPLES = {"training.phases": "'training.phases=[{step: 0, trainable: [lora, attn_lora]}, "
                                "{step: 200, trainable: [lora, attn_lora, norm]}]'  (steps from 0 upwards)"}
 GROUPS = ("lora", "attn_lora", "embed", "norm", "head", "all")  # trainable groups (minorpo/lora.py)
@@ -111,6 +112,10 @@ def validate(cfg, given, where):
     if (train["type"] == "sft") != (data["task"] == "sft"):
         raise ConfigError(f"{where}: training.type: {train['type']} cannot train on data.task: {data['task']}; "
                           "sft trains on data.task=sft, orpo on preference or prompted_preference")
+    if train["lr_schedule"] == "inverse_sqrt" and train["warmup_steps"] < 1:
+        raise ConfigError(f"{where}: `training.lr_schedule: inverse_sqrt` decays as sqrt(warmup_steps / step), so it "
+                          "needs `training.warmup_steps` of at least 1 (the paper used 200); set e.g. "
+                          "training.warmup_steps=200")
     if data["max_prompt_length"] >= data["max_length"]:
         raise ConfigError(f"{where}: `data.max_prompt_length` ({data['max_prompt_length']}) must be smaller than "
                           f"`data.max_length` ({data['max_length']}) to leave room for the response")

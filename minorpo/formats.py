@@ -31,6 +31,8 @@ FILTERS = {  # why a well-formed row is dropped -> how to keep such rows ("" if 
     "with empty labels (response truncated to 0 tokens)": BY_LENGTH,
     "with chosen and rejected identical after truncation": BY_LENGTH}
 TOO_LONG, EMPTY_RESPONSE, IDENTICAL, EMPTY_LABELS, IDENTICAL_CUT = FILTERS
+OVERLONG = "that do not fit data.max_length={max_length} (data.overlong=drop)"  # data.make_examples drops them
+FILTERS[OVERLONG] = "raise data.max_length or set data.overlong=truncate"
 
 
 class DataError(UserError):

@@ -23,6 +23,8 @@ positions, a chunk of tokens at a time, each chunk under activation checkpointin
 Decisions:
 - L_SFT is the NLL of the chosen response only: prompt tokens and the rejected response are masked
   (training on rejected answers would teach bad answers). How it averages, and why: orpo_objective.
+  loss.sft_tokens: prompt_and_response adds the chosen row's prompt tokens to it (TRL's nll_loss, the
+  authors' code); L_OR always compares the responses alone.
 - The normalisers are passed in: the NLL is divided by the chosen-token count of the whole optimizer
   batch, L_OR by its pair count, so micro-batch losses and metrics SUM to the whole batch's (step.py).
 - A row without label tokens is an error, not a NaN: the data module filters such rows, and a mean
@@ -137,15 +139,17 @@ def odds_ratio_loss(chosen_logps, rejected_logps):
 
 
 def orpo_objective(token_logps, mask, orpo_lambda, reduction="mean", num_chosen_tokens=None,
-              num_pairs=None):
+              num_pairs=None, sft_mask=None):
     """The ORPO objective (Eq. 6) over 2P rows: P chosen rows, then the P rejected rows in the same order.
 
-    token_logps (2P, T-1) and mask (2P, T-1) as label_logps returns them. num_chosen_tokens and
+    token_logps (2P, T-1) and mask (2P, T-1) as label_logps returns them, mask the response tokens. sft_mask
+    (P, T-1): the chosen tokens L_SFT covers, mask[:P] (the chosen responses) unless given (loss.sft_tokens:
+    prompt_and_response passes the prompt tokens too, token_logps holding theirs). num_chosen_tokens and
     num_pairs are the counts of the whole optimizer batch (all micro-batches; all ranks if the
     gradients are summed over ranks); they default to this batch's own counts. Returns the loss
     (a scalar with gradient) and detached scalar metrics, each normalised by those counts so that
     summing a metric over the micro-batches gives the whole batch's value:
-      sft_loss        sum of chosen-token NLL / num_chosen_tokens
+      sft_loss        sum of the NLL over sft_mask / num_chosen_tokens
       orpo_loss       sum of L_OR / num_pairs
       total_loss      sft_loss + orpo_lambda * orpo_loss
       log_odds_ratio  sum of log OR / num_pairs (the mean log odds ratio)
@@ -157,7 +161,7 @@ def orpo_objective(token_logps, mask, orpo_lambda, reduction="mean", num_chosen_
     pairs = token_logps.shape[0] // 2
     seq_logps = sequence_logps(token_logps, mask, reduction)  # (2P,)
     chosen_logps, rejected_logps = seq_logps[:pairs], seq_logps[pairs:]
-    chosen_mask = mask[:pairs]
+    chosen_mask = mask[:pairs] if sft_mask is None else sft_mask  # the chosen tokens L_SFT covers
     num_chosen_tokens = chosen_mask.sum() if num_chosen_tokens is None else num_chosen_tokens
     num_pairs = pairs if num_pairs is None else num_pairs
 
@@ -166,7 +170,7 @@ def orpo_objective(token_logps, mask, orpo_lambda, reduction="mean", num_chosen_
     # so every answer weighs the same. This is a token-weighted mean over the batch, the usual causal-LM
     # loss, in which a long answer weighs more; its numerator and denominator are plain sums, which is
     # what makes gradient accumulation and DDP exact. TRL's ORPOTrainer also counts the prompt tokens
-    # in its NLL, as does the paper's code unless --disable_prompt_loss is set.
+    # in its NLL, as does the paper's code unless --disable_prompt_loss is set: loss.sft_tokens.
     sft = -(token_logps[:pairs] * chosen_mask).sum() / num_chosen_tokens
     or_losses, log_odds_ratio = odds_ratio_loss(chosen_logps, rejected_logps)
     orpo = or_losses.sum() / num_pairs

@@ -35,9 +35,9 @@ def document(example):
     return ids, positions, branches
 
 
-def collate_for(layout, pad_id, max_length):
+def collate_for(layout, pad_id, max_length, prompt_loss=False):
     """The micro-batch builder for data.layout: batches.collate, or pack into rows of at most twice the batch's
-    longest document, and at most 2 * max_length.
+    longest document, and at most 2 * max_length. prompt_loss: batches.collate's (both layouts).
 
     Why: the dense mask costs L² attention for a row of L tokens whatever it hides, and a short last row pads
     up to L. Two of the batch's documents a row pack it nearly without padding (length-grouped batches hold
@@ -45,15 +45,16 @@ def collate_for(layout, pad_id, max_length):
     embedded default: pairs of ~40 tokens, rows of 256 were slower than padding). The cap keeps long pairs
     (at most 2 * max_length: a prompt and two answers, each row cut to max_length) one a row."""
     if layout != "packed":
-        return lambda examples: collate(examples, pad_id)
-    return lambda examples: pack(examples, pad_id, min(2 * max(len(document(e)[0]) for e in examples), 2 * max_length))
+        return lambda examples: collate(examples, pad_id, prompt_loss)
+    return lambda examples: pack(examples, pad_id, min(2 * max(len(document(e)[0]) for e in examples),
+                                                       2 * max_length), prompt_loss)
 
 
-def pack(examples, pad_id, budget):
+def pack(examples, pad_id, budget, prompt_loss=False):
     """The packed batch: {"input_ids", "position_ids", "doc", "branch"} (R, L), doc -1 on padding, and
-    {"labels", "index"} (2P, T) in collate's padded layout (P for sft). index[r, t] is the flat position
-    (row * L + column) of token t of padded row r (0 on padding). Documents go into rows first-fit, longest
-    first, a row holding at most `budget` tokens unless one document alone is longer."""
+    {"labels", "index"} (2P, T) in collate's padded layout (P for sft), and "prompt_labels" if prompt_loss.
+    index[r, t] is the flat position (row * L + column) of token t of padded row r (0 on padding). Documents go
+    into rows first-fit, longest first, a row holding at most `budget` tokens unless one document alone is longer."""
     docs = [document(example) for example in examples]
     lengths = [len(ids) for ids, _, _ in docs]
     rows = []  # the example indices of each packed row
@@ -69,7 +70,7 @@ def pack(examples, pad_id, budget):
                              for row in rows])
     # example index -> flat position of its first token
     start = {i: r * L + sum(lengths[j] for j in row[:k]) for r, row in enumerate(rows) for k, i in enumerate(row)}
-    padded = collate(examples, pad_id)
+    padded = collate(examples, pad_id, prompt_loss)
     index = torch.zeros_like(padded["labels"])  # (2P, T)
     for k in range(len(index) // len(examples)):  # padded row k * P + i: the prompt of example i, then answer k + 1
         for i, (_, _, branches) in enumerate(docs):
@@ -77,7 +78,8 @@ def pack(examples, pad_id, budget):
             index[k * len(examples) + i, :len(flat)] = torch.tensor(flat)
     return {"input_ids": packed(lambda i: docs[i][0], pad_id), "labels": padded["labels"],
             "position_ids": packed(lambda i: docs[i][1], 0), "doc": packed(lambda i: [i] * lengths[i], -1),
-            "branch": packed(lambda i: docs[i][2], 0), "index": index}
+            "branch": packed(lambda i: docs[i][2], 0), "index": index,
+            **{key: padded[key] for key in ("prompt_labels",) if key in padded}}
 
 
 def attention_mask(doc, branch):

@@ -41,6 +41,7 @@ RESUMABLE = ("run_name", "output_dir", "model_name", "device", "data.path", "dat
              "training.keep_checkpoints", "training.resume_from", "training.max_bad_steps", "training.compile",
              "training.gradient_checkpointing", "loss.head_chunk_size",
              "sample.prompts", "sample.max_new_tokens", "sample.temperature", "sample.top_p")
+RESUMABLE += ("training.epochs",)  # like max_steps: how long the run lasts (it sets max_steps)
 
 
 def checkpoints(run_dir):

@@ -30,9 +30,12 @@ class ResponseLogps(nn.Module):
         super().__init__()
         self.model, self.chunk_size = model, chunk_size
 
-    def forward(self, input_ids, labels, position_ids=None, doc=None, branch=None, index=None):
+    def forward(self, input_ids, labels, position_ids=None, doc=None, branch=None, index=None, prompt_labels=None):
         """The padded layout (input_ids (N, T)), or the packed one (input_ids (R, L) and the rest, from
-        packing.pack); either way the label log-probs and mask come back in the padded layout (N, T-1)."""
+        packing.pack); either way the label log-probs and mask come back in the padded layout (N, T-1).
+        prompt_labels (loss.sft_tokens: prompt_and_response, batches.collate) are scored too: in the mask."""
+        if prompt_labels is not None:
+            labels = torch.where(prompt_labels != loss.IGNORE_INDEX, prompt_labels, labels)
         if doc is None:
             hidden = self.model.hidden_states(input_ids)  # (N, T, H)
         else:
@@ -56,11 +59,14 @@ def all_reduce(tensor):
 
 
 def batch_counts(micro_batches, objective):
-    """(label tokens of the rows the NLL covers, pairs) over the micro-batches: a (2,) tensor."""
+    """(tokens the NLL covers: labels, and prompt_labels if any, of its rows; pairs) over the micro-batches: (2,)."""
     num_tokens, num_pairs = 0, 0
     for batch in micro_batches:
         rows = len(batch["labels"]) // 2 if objective == "orpo" else len(batch["labels"])
-        num_tokens += int((batch["labels"][:rows, 1:] != loss.IGNORE_INDEX).sum())
+        covered = batch["labels"][:rows, 1:] != loss.IGNORE_INDEX
+        if "prompt_labels" in batch:  # loss.sft_tokens: prompt_and_response
+            covered |= batch["prompt_labels"][:rows, 1:] != loss.IGNORE_INDEX
+        num_tokens += int(covered.sum())
         num_pairs += rows
     return torch.tensor([num_tokens, num_pairs], dtype=torch.float64)
 
@@ -75,10 +81,12 @@ def train_step(scorer, optimizer, micro_batches, objective, orpo_lambda=None, re
     for index, batch in enumerate(micro_batches):
         with sync(last=index == len(micro_batches) - 1):  # DDP: all-reduce in the last backward (distributed.py)
             with autocast():  # forward, then the loss normalised by the whole batch's counts
-                token_logps, mask = scorer(**{name: t.to(device) for name, t in batch.items()})  # (N, T-1) each
-                step_loss, metrics = (
-                    loss.orpo_objective(token_logps, mask, orpo_lambda, reduction, num_tokens, num_pairs)
-                    if objective == "orpo" else loss.sft_objective(token_logps, mask, num_tokens))
+                token_logps, scored = scorer(**{name: t.to(device) for name, t in batch.items()})  # (N, T-1) each
+                mask = batch["labels"][:, 1:].to(device) != loss.IGNORE_INDEX  # the responses; scored adds prompts
+                step_loss, metrics = (  # ... when loss.sft_tokens is prompt_and_response: for the NLL alone
+                    loss.orpo_objective(token_logps, mask, orpo_lambda, reduction, num_tokens, num_pairs,
+                                        sft_mask=scored[:len(scored) // 2])
+                    if objective == "orpo" else loss.sft_objective(token_logps, scored, num_tokens))
             (step_loss * world_size).backward()  # backward: gradients add up over the micro-batches
         sums = {name: sums.get(name, 0.0) + value for name, value in metrics.items()}
     # clip the global gradient norm to max_grad_norm (0: measure it, clip nothing)
