@@ -83,20 +83,13 @@ def prompt_ids(tokenizer, prompt, template="chatml"):
     return _tokenize([(pieces, [])], tokenizer)[0][0][0]
 
 
-<<<<<<< HEAD
-def _render(row, task, template, ids, where, cap, pairs=False):
-    """(prompt pieces, [answer pieces]) of a raw row. Strings are cut to `cap` characters as truncation
-    cuts tokens: an answer keeps its beginning (and loses its end token), a prompt message its end."""
-    prompt, answers, train_assistant = formats.parse(row, task, where, pairs)
-=======
-def _render(row, task, template, ids, where, cap, drop=False):
+def _render(row, task, template, ids, where, cap, pairs=False, drop=False):
     """(prompt pieces, [answer pieces]) of a raw row. Strings are cut to `cap` characters as truncation
     cuts tokens: an answer keeps its beginning (and loses its end token), a prompt message its end. With
     drop (data.overlong=drop) a row with a string over `cap` is Dropped as not fitting, untokenized."""
-    prompt, answers, train_assistant = formats.parse(row, task, where)
+    prompt, answers, train_assistant = formats.parse(row, task, where, pairs)
     if drop and any(len(text) > cap for text in answers + [m["content"] for m in prompt or []]):
         raise Dropped(OVERLONG)
->>>>>>> trl
     end = ids["eot"] if prompt is None else ids["end"]  # None: a {"text"} row, every token trained
     answers = [[(a[:cap], True)] + [(end, True)] * (len(a) <= cap) for a in answers]
     if prompt is None:
@@ -106,31 +99,20 @@ def _render(row, task, template, ids, where, cap, drop=False):
 
 
 def make_examples(rows, tokenizer, task, fmt="raw", template="chatml", max_length=512, max_prompt_length=256,
-<<<<<<< HEAD
-                  source="data", pairs=False):
+                  source="data", pairs=False, overlong="truncate"):
     """Rows [(where, dict)] from read_jsonl -> (examples, report lines to print). task: sft | preference |
     prompted_preference; fmt: raw (text, tokenized with the chat template) | processed (ids and labels).
-    pairs: under sft, keep a preference row's rejected answer (formats.eval_pairs: the held-out pairs)."""
-=======
-                  source="data", overlong="truncate"):
-    """Rows [(where, dict)] from read_jsonl -> (examples, report lines to print). task: sft | preference |
-    prompted_preference; fmt: raw (text, tokenized with the chat template) | processed (ids and labels).
+    pairs: under sft, keep a preference row's rejected answer (formats.eval_pairs: the held-out pairs).
     overlong: truncate (batches.truncate) or drop the rows whose prompt + longer answer exceed max_length."""
->>>>>>> trl
     ids = _template_ids(tokenizer, template) if fmt == "raw" else None
     vocab_size = max(tokenizer.get_vocab(with_added_tokens=True).values()) + 1  # ids may have gaps: the largest + 1
     dropped = {reason: [] for reason in FILTERS}  # why a row cannot be trained on -> the place of every such row
     parsed, places = [], []
     for where, row in rows:
         try:
-<<<<<<< HEAD
             parsed.append(formats.processed(row, task, where, vocab_size, pairs) if fmt == "processed" else
-                          _render(row, task, template, ids, where, CHARS_PER_TOKEN * max_length, pairs))
-=======
-            parsed.append(formats.processed(row, task, where, vocab_size) if fmt == "processed" else
-                          _render(row, task, template, ids, where, CHARS_PER_TOKEN * max_length,
+                          _render(row, task, template, ids, where, CHARS_PER_TOKEN * max_length, pairs,
                                   overlong == "drop"))
->>>>>>> trl
             places.append(where)
         except Dropped as reason:
             dropped[str(reason)].append(where)
@@ -148,10 +130,6 @@ def make_examples(rows, tokenizer, task, fmt="raw", template="chatml", max_lengt
         else:
             cut += [where] * was_cut
             examples.append(example)
-<<<<<<< HEAD
-    return examples, formats.report(dropped, examples, cut, task, source, max_length, max_prompt_length, pairs)
-=======
     line_of = {where: i for i, (where, _) in enumerate(rows)}
     dropped[OVERLONG].sort(key=line_of.get)  # those dropped as text came first: back into the file's order
-    return examples, formats.report(dropped, examples, cut, task, source, max_length, max_prompt_length)
->>>>>>> trl
+    return examples, formats.report(dropped, examples, cut, task, source, max_length, max_prompt_length, pairs)
