@@ -111,7 +111,7 @@ def test_adapter_is_merged_into_the_model(tiny_model, run_limited, tmp_path):
     lora.inject_lora(model, rank=4, alpha=8, targets=("gate_proj", "up_proj", "down_proj"))
     with torch.no_grad():
         for layer in lora.lora_layers(model).values():
-            layer.lora_B.normal_(0, 0.5, generator=torch.Generator().manual_seed(0))
+            layer.lora_B.normal_(0, 3.0, generator=torch.Generator().manual_seed(0))  # enough to change the answer
     lora.save_adapter(model, str(tmp_path / "adapter"), base_model_name=tiny_model)
     p = run_limited(chat_args(tiny_model, "--adapter", str(tmp_path / "adapter"), "--prompt", "Sort: 3 1 2"))
     assert p.returncode == 0, p.stderr
