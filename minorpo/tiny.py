@@ -5,21 +5,22 @@ built once into <output_dir>/tiny-base/ as a real Hugging Face checkpoint folder
 model.safetensors, tokenizer.json) and then loaded through the same code path as a real checkpoint.
 
 The task. Each prompt asks to repeat or reverse a short list of words. The preferred answer lists them in the
-right order and ends with the house style: "!" after an even number of items, "." after an odd number. The
-rejected answer is the same answer with the other ending: one token in ten differs.
+right order and signs off in the house style: "All done!" after an even number of items, "Anything else?"
+after an odd number. The rejected answer is the same answer with the other sign-off (3 tokens of about 15).
 
 The base. Like a real base model, which knows language but not your preferences, the tiny base is pre-trained
-(PRETRAIN_STEPS of full fine-tuning, with the same train_step every run uses) on the same prompts answered in
-either order with either ending, at random. So it knows the chat format, the words and how to list them, but
-neither rule: its preference accuracy on the held-out pairs is near chance, while both answers are already
-likely (a mean log-prob near -1 a token, where a random model has -6).
+(PRETRAIN_STEPS of full fine-tuning, with the same train_step every run uses) on prompts like the pairs' answered
+in either order with either sign-off, at random. So it knows the chat format, the words and how to list them,
+but neither rule: its preference accuracy on the held-out pairs is near chance, while both answers are already
+likely (a mean log-prob near -0.4 a token, where a random model has -6).
 
-What a run then shows (README). SFT on the chosen answers learns the order first, which the rejected answers
-share, so their log-probability rises too (ORPO paper, Figure 7); the ending is one token of ten, learned
-slowly. ORPO's odds-ratio term acts on exactly what differs, so the rejected answers fall (its Figure 3).
+What a run then shows (README). SFT on the chosen answers sharpens the order and the listing, which the
+rejected answers share, so their log-probability rises too (ORPO paper, Figure 7); the sign-off needs the items
+counted, and imitation learns it slowly. ORPO's odds-ratio term acts on exactly what differs, so the rejected
+answers fall (its Figure 3).
 
 data.path: tiny-lengths is the variant for sum against mean: the rejected answer drops one item (shorter) or
-repeats one (longer), half and half, so the two answers differ in length; every pair keeps the right ending.
+repeats one (longer), half and half, so the two answers differ in length; every pair keeps the right sign-off.
 All is deterministic from `seed`.
 """
 import json
@@ -29,7 +30,7 @@ import random
 import torch
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from minorpo import data, lora, packing, step
+from minorpo import data, lora, packing, schedule, step
 from minorpo.checkpoint import write_model
 from minorpo.files import atomic_folder, atomic_write
 from minorpo.model import ModelConfig, Qwen
@@ -38,48 +39,52 @@ WORDS = ("red blue green black white pink gray gold cat dog fox owl bee cow pig 
          "apple pear fig plum lime kiwi oak elm ash fir").split()
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 TASKS = {"Repeat": lambda items: items, "Reverse": lambda items: items[::-1]}  # prompt verb: its rule
-VARIANTS = {"tiny": "endings.jsonl", "tiny-lengths": "lengths.jsonl"}  # data.path: the file in <output_dir>/tiny-data
+VARIANTS = {"tiny": "sign-offs.jsonl", "tiny-lengths": "lengths.jsonl"}  # data.path: the file in <output_dir>/tiny-data
 # A Qwen3-architecture model (q/k-norm, grouped-query attention, tied embeddings), ~1M parameters.
 TINY_MODEL = dict(model_type="qwen3", vocab_size=384, hidden_size=128, intermediate_size=384, num_hidden_layers=4,
                   num_attention_heads=4, num_key_value_heads=2, head_dim=32, rope_theta=10000.0, rms_norm_eps=1e-6,
                   max_position_embeddings=512, tie_word_embeddings=True, attention_bias=False)
-PRETRAIN_STEPS, PRETRAIN_LR, PRETRAIN_BATCH = 500, 3e-3, 32  # about 30 s on one CPU core
+PRETRAIN_STEPS, PRETRAIN_LR, PRETRAIN_BATCH = 400, 1e-3, 16  # about 25 s on one CPU core
 
 
-def ending(items):
-    """The house style the preferred answers follow: "!" after an even number of items, "." after an odd one."""
-    return "!" if len(items) % 2 == 0 else "."
+SIGN_OFFS = (" All done!", " Anything else?")
+
+
+def sign_off(items):
+    """The house style the preferred answers follow: "All done!" after an even number of items, "Anything else?"
+    after an odd one (the base does not know it: it signs off either way)."""
+    return SIGN_OFFS[len(items) % 2]
 
 
 def answer(items, end):
-    return f"Sure: {' '.join(items)}{end}"
+    return f"Sure: {' '.join(items)}.{end}"
 
 
 def make_pairs(n, seed=0, variant="tiny"):
-    """n {prompt, chosen, rejected} rows: the right order and ending, and the same with the other ending
+    """n {prompt, chosen, rejected} rows: the right order and sign-off, and the same with the other sign-off
     (variant tiny), or with one item dropped or repeated (tiny-lengths)."""
     rng, rows = random.Random(seed), []
     for _ in range(n):
         verb = rng.choice(sorted(TASKS))
         items = rng.sample(WORDS, rng.randint(3, 6))  # distinct items, so every change is a real mistake
-        right, end = TASKS[verb](items), ending(items)
+        right, end = TASKS[verb](items), sign_off(items)
         i, drop = rng.randrange(len(right)), rng.random() < 0.5  # drawn in both variants: the same prompts
         if variant == "tiny-lengths":
             rejected = answer(right[:i] + right[i + 1:] if drop else right[:i + 1] + right[i:], end)
         else:
-            rejected = answer(right, "." if end == "!" else "!")
+            rejected = answer(right, SIGN_OFFS[end == SIGN_OFFS[0]])
         rows.append({"prompt": f"{verb}: {' '.join(items)}", "chosen": answer(right, end), "rejected": rejected})
     return rows
 
 
 def pretraining_rows(n, seed=0):
-    """What the base learns from: prompts like the pairs', the items in either order, either ending, at random."""
+    """What the base learns from: prompts like the pairs', the items in either order, either sign-off, at random."""
     pairs = {row["prompt"] for row in make_pairs(2000, seed)}  # the embedded pairs, held-out ones included
     prompts = [row["prompt"] for row in make_pairs(n + len(pairs), f"pretrain-{seed}") if row["prompt"] not in pairs]
     rng, rows = random.Random(f"pretrain-{seed}"), []
     for prompt in prompts[:n]:  # prompts of its own
         items = prompt.split(": ", 1)[1].split()
-        rows.append({"prompt": prompt, "response": answer(TASKS[rng.choice(sorted(TASKS))](items), rng.choice("!."))})
+        rows.append({"prompt": prompt, "response": answer(TASKS[rng.choice(sorted(TASKS))](items), rng.choice(SIGN_OFFS))})
     return rows
 
 
@@ -96,7 +101,7 @@ def build_tokenizer(seed=0):
 
 
 def pretrain(model, tokenizer, seed=0, steps=PRETRAIN_STEPS):
-    """Full fine-tuning on pretraining_rows with step.train_step (SFT): linear warm-up, then a constant rate."""
+    """Full fine-tuning on pretraining_rows with step.train_step (SFT): a linear warm-up, then cosine decay."""
     rows = [(f"pretraining:{i + 1}", row) for i, row in enumerate(pretraining_rows(2000, seed))]
     examples, _ = data.make_examples(rows, tokenizer, "sft", max_length=128, max_prompt_length=64)
     trained = lora.fp32_trained_parameters(model, ["all"])
@@ -105,7 +110,7 @@ def pretrain(model, tokenizer, seed=0, steps=PRETRAIN_STEPS):
     torch.manual_seed(seed)
     for it in range(steps):
         for group in optimizer.param_groups:
-            group["lr"] = PRETRAIN_LR * min(1.0, (it + 1) / 20)
+            group["lr"] = schedule.lr_at(it, "cosine", PRETRAIN_LR, 20, steps, min_lr_ratio=0.1)
         step.train_step(step.ResponseLogps(model), optimizer, [collate(rng.sample(examples, PRETRAIN_BATCH))], "sft")
     return model
 

@@ -57,7 +57,7 @@ def test_a_file_size_limit_is_one_line_naming_the_path_and_leaves_no_half_folder
                                                                                   one_line_error):
     out = tmp_path / "out"
     tiny_base(str(out / "tiny-base"))  # 3 MB: written here, before the limit
-    tiny.ensure_pairs(str(out / "tiny-data" / "endings.jsonl"))
+    tiny.ensure_pairs(str(out / "tiny-data" / "sign-offs.jsonl"))
     p = run_limited(["-c", LIMITED, "presets/orpo.yml", f"output_dir={out}", *FAST, "training.max_steps=2"])
     one_line_error(p, "File too large", f"{out / 'orpo' / 'final' / 'model.safetensors'}")
     assert sorted(os.listdir(out / "orpo")) == ["config.yml", "metrics.jsonl"]  # no final/, no temporary folder

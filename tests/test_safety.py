@@ -66,7 +66,7 @@ def test_every_refused_start_names_the_way_out_and_changes_nothing_on_disk(run_m
     naming the folder or setting, and no byte under the output folder changes (config.yml included: a
     refused setting is never recorded)."""
     run, resume = done / "orpo", f"training.resume_from={done / 'orpo' / 'step_000006'}"
-    lines = (done / "tiny-data" / "endings.jsonl").read_text().splitlines(keepends=True)
+    lines = (done / "tiny-data" / "sign-offs.jsonl").read_text().splitlines(keepends=True)
     row = json.loads(lines[0])
     (done / "other.jsonl").write_text(json.dumps({**row, "chosen": row["chosen"] + " extra"}) + "\n" + "".join(lines[1:]))
     other_model = tiny.ensure_model(str(done / "other-model"), seed=1, pretrain_steps=0)

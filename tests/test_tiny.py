@@ -8,29 +8,32 @@ from conftest import tiny_base
 from minorpo import batches, checkpoint, data, packing, step, tiny
 
 
-def test_a_pair_differs_in_its_ending_alone_and_the_ending_follows_the_count():
+def test_a_pair_differs_in_its_sign_off_alone_and_the_sign_off_follows_the_count():
     for row in tiny.make_pairs(200):
         verb, items = row["prompt"].split(": ")
         right = tiny.TASKS[verb](items.split())
-        assert row["chosen"] == f"Sure: {' '.join(right)}{'!' if len(right) % 2 == 0 else '.'}"
-        assert row["rejected"][:-1] == row["chosen"][:-1] and row["rejected"][-1] != row["chosen"][-1]
+        sign_off = " All done!" if len(right) % 2 == 0 else " Anything else?"
+        assert row["chosen"] == f"Sure: {' '.join(right)}.{sign_off}"
+        assert row["rejected"] == f"Sure: {' '.join(right)}.{({*tiny.SIGN_OFFS} - {sign_off}).pop()}"
 
 
 def test_the_lengths_variant_drops_or_repeats_one_item_half_and_half():
     longer = 0
     for row in tiny.make_pairs(400, variant="tiny-lengths"):
-        chosen, rejected = (row[k].removeprefix("Sure: ")[:-1].split() for k in ("chosen", "rejected"))
-        assert abs(len(chosen) - len(rejected)) == 1 and row["chosen"][-1] == row["rejected"][-1]
+        chosen, rejected = (row[k].removeprefix("Sure: ").split(".")[0].split() for k in ("chosen", "rejected"))
+        assert abs(len(chosen) - len(rejected)) == 1
+        assert row["chosen"].split(".")[1] == row["rejected"].split(".")[1] == tiny.sign_off(chosen)
         longer += len(rejected) > len(chosen)
     assert 150 < longer < 250
 
 
-def test_pretraining_answers_take_either_order_and_either_ending():
+def test_pretraining_answers_take_either_order_and_either_sign_off():
     rows = tiny.pretraining_rows(400)
     held_out_prompts = {row["prompt"] for row in tiny.make_pairs(2000)}
     assert not held_out_prompts & {row["prompt"] for row in rows}  # its own prompts
-    orders = {(row["response"][6:-1] == row["prompt"].split(": ")[1], row["response"][-1]) for row in rows}
-    assert orders == {(True, "!"), (True, "."), (False, "!"), (False, ".")}
+    seen = {(row["response"][6:].split(".")[0] == row["prompt"].split(": ")[1], row["response"].split(".")[1])
+            for row in rows}
+    assert seen == {(as_given, sign_off) for as_given in (True, False) for sign_off in tiny.SIGN_OFFS}
 
 
 def test_the_base_knows_the_format_but_not_the_preference():
