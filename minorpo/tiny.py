@@ -68,12 +68,12 @@ def make_pairs(n, seed=0, variant="tiny"):
         verb = rng.choice(sorted(TASKS))
         items = rng.sample(WORDS, rng.randint(3, 6))  # distinct items, so every change is a real mistake
         right, end = TASKS[verb](items), sign_off(items)
-        i, drop = rng.randrange(len(right)), rng.random() < 0.5  # drawn in both variants: the same prompts
-        if variant == "tiny-lengths":
-            rejected = answer(right[:i] + right[i + 1:] if drop else right[:i + 1] + right[i:], end)
-        else:
-            rejected = answer(right, SIGN_OFFS[end == SIGN_OFFS[0]])
-        rows.append({"prompt": f"{verb}: {' '.join(items)}", "chosen": answer(right, end), "rejected": rejected})
+        i = rng.randrange(len(right))  # drawn in both variants: the same prompts
+        other = SIGN_OFFS[end == SIGN_OFFS[0]]
+        if variant == "tiny-lengths":  # the question names one of the items: longer, and its item is a guess
+            end, other = (f" Anything else about {right[i]}?" if s == SIGN_OFFS[1] else s for s in (end, other))
+        rows.append({"prompt": f"{verb}: {' '.join(items)}", "chosen": answer(right, end),
+                     "rejected": answer(right, other)})
     return rows
 
 

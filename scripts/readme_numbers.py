@@ -82,80 +82,29 @@ def summary(orpo, sft):
 
 
 def lengths(mean, summed):
-    """The held-out accuracy split by which answer is longer, at step 0 and at the end, for mean and sum."""
-    last = max(mean[0])
-    lines = [f"| data.path=tiny-lengths | step 0: chosen longer | step 0: chosen shorter | step {last}: chosen longer "
-             f"| step {last}: chosen shorter | step {last}: all pairs |", "|---|---|---|---|---|---|"]
+    """The held-out accuracy split by which answer is longer, at step 0, two thirds through and at the end."""
+    steps = (0, max(mean[0]) * 2 // 3, max(mean[0]))
+    lines = ["| data.path=tiny-lengths | " + " | ".join(f"step {s}: chosen longer | step {s}: chosen shorter"
+                                                    for s in steps) + " |", "|---" * 7 + "|"]
     for label, (evals, *_) in (("mean (the paper)", mean), ("sum", summed)):
-        row = [evals[0]["eval/pref_accuracy_longer"], evals[0]["eval/pref_accuracy_shorter"],
-               evals[last]["eval/pref_accuracy_longer"], evals[last]["eval/pref_accuracy_shorter"],
-               evals[last]["eval/pref_accuracy"]]
-        lines.append(f"| {label} | " + " | ".join(f"{x:.3f}" for x in row) + " |")
-    return "\n" + "\n".join(lines) + "\n"
-
-
-def bench(*args):
-    """The JSON line bench.py prints for args, run with one CPU thread (steadier timings on a shared machine)."""
-    p = subprocess.run([sys.executable, "bench.py", *args], cwd=ROOT, capture_output=True, text=True,
-                       env={**os.environ, "OMP_NUM_THREADS": "1"})
-    if p.returncode:
-        sys.exit(f"bench.py {' '.join(args)} failed:\n{p.stderr[-2000:]}")
-    return json.loads(p.stdout.strip().splitlines()[-1])
-
-
-def packing():
-    """Tokens processed and CPU step time, packed against padded, on two batches (bench.py)."""
-    lines = ["| batch (bench.py arguments) | layout | tokens processed a step | real tokens | CPU step |",
-             "|---|---|---|---|---|"]
-    for label, args in (("the embedded default's (`--data tiny --configs full`)", ["--data", "tiny", "--configs",
-                                                                                  "full", "--steps", "40"]),
-                        ("8 protocol pairs, tiny shapes (`--tiny --configs lora`)", ["--tiny", "--configs", "lora",
-                                                                                    "--steps", "20"])):
-        rows = {layout: bench(*args, "--layout", layout) for layout in ("padded", "packed")}
-        for layout, row in rows.items():
-            lines.append(f"| {label} | {layout} | {row['tokens_processed']:,} | {row['real_tokens']:,} | "
-                         f"{row['step_ms']:.0f} ms |")
-        packed, padded = rows["packed"], rows["padded"]
-        lines.append(f"| | packed / padded | {packed['tokens_processed'] / padded['tokens_processed']:.2f} | | "
-                     f"{packed['step_ms'] / padded['step_ms']:.2f} |")
-    return "\n" + "\n".join(lines) + "\n"
-
-
-def memory():
-    """Bytes each rank holds after one step ([memory] lines): one process, then FSDP on 1 and 2 ranks."""
-    lora = "training.phases=[{step: 0, trainable: [lora, attn_lora]}]"
-    runs = [("full fine-tuning, no FSDP", 1, False, []), ("full fine-tuning, FSDP", 1, True, []),
-            ("full fine-tuning, FSDP", 2, True, []), ("LoRA r16, FSDP", 1, True, [lora]),
-            ("LoRA r16, FSDP", 2, True, [lora])]
-    lines = ["| run (the tiny default model) | ranks | parameters | gradients | AdamW | total per rank |",
-             "|---|---|---|---|---|---|"]
-    with tempfile.TemporaryDirectory() as out:
-        for i, (label, ranks, fsdp, extra) in enumerate(runs):
-            launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}"] if fsdp else []
-            args = [sys.executable, *launcher, "train.py", "presets/orpo.yml", f"output_dir={out}", f"run_name=m{i}",
-                    "training.max_steps=1", "training.batch_size=4", "training.eval_every=0", "sample.max_new_tokens=1",
-                    *(["training.fsdp=true"] if fsdp else []), *extra]
-            p = subprocess.run(args, cwd=ROOT, capture_output=True, text=True,
-                               env={**os.environ, "OMP_NUM_THREADS": "1"})
-            found = re.search(r"\[memory\] rank 0 of \d+ holds parameters ([\d.]+) MiB \+ gradients ([\d.]+) MiB \+ "
-                              r"AdamW ([\d.]+) MiB = ([\d.]+) MiB", p.stdout)
-            if p.returncode or not found:
-                sys.exit(f"{' '.join(args[1:])} failed:\n{p.stderr[-2000:]}")
-            lines.append(f"| {label} | {ranks} | " + " | ".join(f"{x} MiB" for x in found.groups()) + " |")
+        cells = [f"{evals[s][f'eval/pref_accuracy_{kind}']:.3f}" for s in steps for kind in ("longer", "shorter")]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n" + "\n".join(lines) + "\n"
 
 
 def lengths_summary(mean, summed):
-    first, last = summed[0][0], summed[0][max(summed[0])]
-    m0, m1 = mean[0][0], mean[0][max(mean[0])]
-    return (f"At step 0 the sum already prefers the shorter answer, by length alone: accuracy "
-            f"{first['eval/pref_accuracy_shorter']:.3f} on the pairs whose chosen answer is shorter and "
-            f"{first['eval/pref_accuracy_longer']:.3f} on those whose chosen answer is longer (the mean: "
-            f"{m0['eval/pref_accuracy_shorter']:.3f} and {m0['eval/pref_accuracy_longer']:.3f}). After training, "
-            f"the sum ends at {last['eval/pref_accuracy_shorter']:.3f} and {last['eval/pref_accuracy_longer']:.3f}, "
-            f"the mean at {m1['eval/pref_accuracy_shorter']:.3f} and {m1['eval/pref_accuracy_longer']:.3f}; "
-            f"L_OR averages {last['eval/orpo_loss']:.3f} with the sum and {m1['eval/orpo_loss']:.3f} with the mean "
-            f"(held-out).")
+    mid, last = max(mean[0]) * 2 // 3, max(mean[0])
+    m, s = mean[0], summed[0]
+    return (f"At step 0 both rank by length (accuracy {s[0]['eval/pref_accuracy_longer']:.3f} where the chosen "
+            f"answer is the longer one, {s[0]['eval/pref_accuracy_shorter']:.3f} where it is the shorter): the base "
+            f"has never seen the longer sign-off, and its item is a guess among 3 to 6. Training with the "
+            f"mean ranks the longer chosen answers right by step {mid} ({m[mid]['eval/pref_accuracy_longer']:.3f}, "
+            f"sum: {s[mid]['eval/pref_accuracy_longer']:.3f}), because a per-token mean charges the guess once "
+            f"over the whole answer. With the sum every token counts in full: its log odds ratio is "
+            f"{s[last]['eval/log_odds_ratio']:+.1f} at step {last} (mean: {m[last]['eval/log_odds_ratio']:+.2f}), "
+            f"its L_OR started at {summed[1][min(summed[1])]['train/orpo_loss']:.1f} (mean: "
+            f"{mean[1][min(mean[1])]['train/orpo_loss']:.2f}), and it ends at "
+            f"{s[last]['eval/pref_accuracy_longer']:.3f} on the longer chosen answers.")
 
 
 def main():
@@ -164,8 +113,12 @@ def main():
                                                "lengths, time (the training runs and the SVGs), packing, memory")
     only = set(filter(None, ap.parse_args().only.split(","))) or {"table", "packing", "memory"}
     env_threads, blocks = os.environ.get("OMP_NUM_THREADS"), {}
-    if only & {"table", "summary", "lengths", "lengths-summary", "time"}:
+    if only & {"table", "summary", "lengths", "lengths-summary", "time", "base-time"}:
         with tempfile.TemporaryDirectory() as out:
+            start = time.time()  # the tiny base is built once, before the timed runs
+            build = f"from minorpo import tiny; tiny.ensure_model({os.path.join(out, 'tiny-base')!r})"
+            subprocess.run([sys.executable, "-c", build], cwd=ROOT, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+            base_seconds = time.time() - start
             orpo, sft = run(out, "orpo"), run(out, "sft")
             check_lesson(orpo, sft)
             mean = run(out, "orpo", "data.path=tiny-lengths", "run_name=lengths-mean")
@@ -175,7 +128,7 @@ def main():
             plot.write_svg([os.path.join(out, "lengths-mean"), os.path.join(out, "lengths-sum")],
                            os.path.join(ROOT, "docs", "sum-vs-mean.svg"))
         blocks.update({"table": "\n" + table(orpo, sft) + "\n", "summary": summary(orpo, sft),
-                       "lengths": lengths(mean, summed), "time": f"{orpo[2]:.0f} s",
+                       "lengths": lengths(mean, summed), "time": f"{orpo[2]:.0f} s", "base-time": f"{base_seconds:.0f} s",
                        "lengths-summary": lengths_summary(mean, summed)})
     if "packing" in only:
         blocks["packing"] = packing()
