@@ -84,7 +84,8 @@ def pretraining_rows(n, seed=0):
     rng, rows = random.Random(f"pretrain-{seed}"), []
     for prompt in prompts[:n]:  # prompts of its own
         items = prompt.split(": ", 1)[1].split()
-        rows.append({"prompt": prompt, "response": answer(TASKS[rng.choice(sorted(TASKS))](items), rng.choice(SIGN_OFFS))})
+        order = TASKS[rng.choice(sorted(TASKS))]  # either rule, whatever the prompt's verb
+        rows.append({"prompt": prompt, "response": answer(order(items), rng.choice(SIGN_OFFS))})
     return rows
 
 

@@ -117,7 +117,8 @@ def main():
         with tempfile.TemporaryDirectory() as out:
             start = time.time()  # the tiny base is built once, before the timed runs
             build = f"from minorpo import tiny; tiny.ensure_model({os.path.join(out, 'tiny-base')!r})"
-            subprocess.run([sys.executable, "-c", build], cwd=ROOT, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+            subprocess.run([sys.executable, "-c", build], cwd=ROOT, check=True,
+                           env={**os.environ, "OMP_NUM_THREADS": "1"})
             base_seconds = time.time() - start
             orpo, sft = run(out, "orpo"), run(out, "sft")
             check_lesson(orpo, sft)
@@ -128,7 +129,8 @@ def main():
             plot.write_svg([os.path.join(out, "lengths-mean"), os.path.join(out, "lengths-sum")],
                            os.path.join(ROOT, "docs", "sum-vs-mean.svg"))
         blocks.update({"table": "\n" + table(orpo, sft) + "\n", "summary": summary(orpo, sft),
-                       "lengths": lengths(mean, summed), "time": f"{orpo[2]:.0f} s", "base-time": f"{base_seconds:.0f} s",
+                       "lengths": lengths(mean, summed), "time": f"{orpo[2]:.0f} s",
+                       "base-time": f"{base_seconds:.0f} s",
                        "lengths-summary": lengths_summary(mean, summed)})
     if "packing" in only:
         blocks["packing"] = packing()
