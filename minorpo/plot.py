@@ -40,8 +40,8 @@ PANELS = [  # (title, [(metrics key, legend label)]): the first curve solid, the
     ("Preference accuracy", [("train/pref_accuracy", "train"), ("eval/pref_accuracy", "eval")]),
     ("Log-probability (eval)", [("eval/chosen_logps", "chosen"), ("eval/rejected_logps", "rejected")]),
 ]
-BY_LENGTH = ("Preference accuracy by length (eval)",  # drawn when a run's metrics hold it
-             [("eval/pref_accuracy_longer", "chosen longer"), ("eval/pref_accuracy_shorter", "chosen shorter")])
+BY_LENGTH = ("Preference accuracy, by the longer answer (eval)",  # drawn when a run's metrics hold it
+             [("eval/pref_accuracy_longer", "chosen"), ("eval/pref_accuracy_shorter", "rejected")])
 BOUNDS = {"Preference accuracy": (0.0, 1.0), BY_LENGTH[0]: (0.0, 1.0)}  # a share: the axis stays in [0, 1]
 COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b")
 KIND_COLORS = {"sft": 0, "orpo": 1}  # the README's figure: SFT blue, ORPO orange, whatever the order given

@@ -97,14 +97,18 @@ def lengths_summary(mean, summed):
     m, s = mean[0], summed[0]
     return (f"At step 0 both rank by length (accuracy {s[0]['eval/pref_accuracy_longer']:.3f} where the chosen "
             f"answer is the longer one, {s[0]['eval/pref_accuracy_shorter']:.3f} where it is the shorter): the base "
-            f"has never seen the longer sign-off, and its item is a guess among 3 to 6. Training with the "
-            f"mean ranks the longer chosen answers right by step {mid} ({m[mid]['eval/pref_accuracy_longer']:.3f}, "
-            f"sum: {s[mid]['eval/pref_accuracy_longer']:.3f}), because a per-token mean charges the guess once "
-            f"over the whole answer. With the sum every token counts in full: its log odds ratio is "
-            f"{s[last]['eval/log_odds_ratio']:+.1f} at step {last} (mean: {m[last]['eval/log_odds_ratio']:+.2f}), "
-            f"its L_OR started at {summed[1][min(summed[1])]['train/orpo_loss']:.1f} (mean: "
-            f"{mean[1][min(mean[1])]['train/orpo_loss']:.2f}), and it ends at "
-            f"{s[last]['eval/pref_accuracy_longer']:.3f} on the longer chosen answers.")
+            f"has never seen the longer sign-off, and its item is a guess among 3 to 6. On the pairs whose chosen "
+            f"answer is longer, the mean reaches {m[mid]['eval/pref_accuracy_longer']:.3f} at step {mid} and "
+            f"{m[last]['eval/pref_accuracy_longer']:.3f} at step {last}; the sum "
+            f"{s[mid]['eval/pref_accuracy_longer']:.3f} and {s[last]['eval/pref_accuracy_longer']:.3f}. A per-token "
+            f"mean spreads the cost of the extra tokens over the answer; the sum charges each in full, so its log "
+            f"odds ratio is {s[last]['eval/log_odds_ratio']:+.1f} at step {last} (mean: "
+            f"{m[last]['eval/log_odds_ratio']:+.2f}) and its first L_OR {first_or(summed):.1f} (mean: "
+            f"{first_or(mean):.2f}).")
+
+
+def first_or(run):
+    return run[1][min(run[1])]["train/orpo_loss"]
 
 
 def main():
