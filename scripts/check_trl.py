@@ -1,9 +1,9 @@
 """Dev-only: check that minorpo's ORPO loss, metrics and gradients equal TRL's ORPOTrainer's, on TRL's own batch.
 
 Needs trl, transformers, peft and datasets, which are not minorpo dependencies; nothing imports this file:
-    python -m venv /work/trlvenv && /work/trlvenv/bin/pip install torch transformers peft trl datasets \
+    python -m venv .trl-venv && .trl-venv/bin/pip install torch transformers peft trl datasets \
         tokenizers safetensors pyyaml
-    /work/trlvenv/bin/python scripts/check_trl.py
+    .trl-venv/bin/python scripts/check_trl.py
 
 Written for trl 1.16 (ORPOTrainer lives in trl.experimental.orpo since trl 0.2x; older versions had it in trl,
 and the import below tries both), transformers 5. What it does, for a small random Qwen3 and Qwen2 model:

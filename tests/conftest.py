@@ -109,9 +109,29 @@ def tiny_base(folder=None):
             atexit.register(shutil.rmtree, cache, True)
             _tiny_base = tiny.ensure_model(os.path.join(cache, "tiny-base"))
             torch_threads(threads)
-    if folder and not os.path.exists(folder):
-        shutil.copytree(_tiny_base, folder)
+        if folder and not os.path.exists(folder):  # under the lock: run_many starts runs in threads
+            try:
+                shutil.copytree(_tiny_base, folder)
+            except OSError:  # an output_dir that is a file, or unwritable: the run itself will say so
+                shutil.rmtree(folder, ignore_errors=True)
     return folder or _tiny_base
+
+
+_random_base = None
+
+
+def random_tiny_base():
+    """The tiny model with its random weights (no pre-training), built once per session: the equivalence tests
+    (torchrun against one process) compare weights after AdamW steps, which the many near-zero gradients of a
+    pre-trained base make sensitive to summation order."""
+    global _random_base
+    with _tiny_lock:
+        if _random_base is None:
+            from minorpo import tiny
+            cache = tempfile.mkdtemp(prefix="minorpo-random-")
+            atexit.register(shutil.rmtree, cache, True)
+            _random_base = tiny.ensure_model(os.path.join(cache, "tiny-random"), pretrain_steps=0)
+    return _random_base
 
 
 def torch_threads(n):

@@ -15,7 +15,8 @@ from safetensors.torch import load_file
 from minorpo import tiny
 from minorpo.files import NonFiniteError, UserError, save_safetensors
 
-RUN = ["training.eval_every=0", "sample.max_new_tokens=4"]
+RUN = ["training.eval_every=0", "sample.max_new_tokens=4",
+       "training.phases=[{step: 0, trainable: [all]}]"]  # full fine-tuning: the checkpoints hold every weight
 
 
 @pytest.fixture(scope="module")
@@ -193,8 +194,7 @@ def saved_checkpoint(tmp_path_factory, shared):
     from conftest import _run
     out = tmp_path_factory.mktemp("run")
     p = _run(["train.py", "presets/orpo.yml", f"model_name={shared[0]}", f"output_dir={out}", f"data.path={shared[1]}",
-              "run_name=a", "training.max_steps=3", "training.save_every=2", "training.eval_every=0",
-              "sample.max_new_tokens=4"])
+              "run_name=a", "training.max_steps=3", "training.save_every=2", *RUN])
     assert p.returncode == 0, p.stderr[-2000:]
     return out / "a" / "step_000002"
 

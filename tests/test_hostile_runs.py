@@ -70,12 +70,13 @@ def free_port():
 
 
 def test_rank_variables_without_torchrun_are_one_line_and_a_bounded_announced_wait(tmp_path, run_limited,
-                                                                                   one_line_error):
+                                                                                   one_line_error, tiny_model):
     peer = {"MASTER_ADDR": "127.0.0.1", "MINORPO_RENDEZVOUS_TIMEOUT": "2"}
     cases = {"leftover": {"RANK": "0", "WORLD_SIZE": "2"},
              "rank 0 alone": {"RANK": "0", "WORLD_SIZE": "2", "MASTER_PORT": str(free_port()), **peer},
              "rank 1 alone": {"RANK": "1", "WORLD_SIZE": "2", "MASTER_PORT": str(free_port()), **peer}}
-    jobs = {name: ["train.py", "presets/orpo.yml", f"output_dir={tmp_path / name}"] for name in cases}
+    jobs = {name: ["train.py", "presets/orpo.yml", f"output_dir={tmp_path / name}", f"model_name={tiny_model}"]
+            for name in cases}
     with pytest.MonkeyPatch.context() as m:
         for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID"):
             m.delenv(name, raising=False)
@@ -166,6 +167,9 @@ def test_a_refused_resume_rewrites_nothing_and_a_checkpoint_at_max_steps_gets_it
     assert "continuing at step 4 of 4 (training.max_steps: writing final/ only)" in p.stdout
     written, saved = files_of(no_final / "orpo" / "final"), files_of(finished / "orpo" / "final")
     assert written.pop("config.yml") != saved.pop("config.yml")  # its own paths (resume_from, output_dir)
+    adapter = "adapter/adapter_config.json"  # names the base model folder each run used
+    assert json.loads(written.pop(adapter))["base_model_name_or_path"] == os.path.abspath(no_final / "model")
+    assert json.loads(saved.pop(adapter))["base_model_name_or_path"] == os.path.abspath(finished / "model")
     assert written == saved  # the weights, tokenizer, config.json and metrics.jsonl, byte for byte
 
 

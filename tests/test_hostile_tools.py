@@ -25,9 +25,11 @@ def test_help_gives_the_phases_syntax_as_an_override_that_works(run_limited):
     assert phases[0] == {"step": 0, "trainable": ["lora", "attn_lora"]} and len(phases) == 2
 
 
-def test_an_empty_target_list_for_a_trained_lora_group_names_that_key(run_many, one_line_error, tmp_path):
+def test_an_empty_target_list_for_a_trained_lora_group_names_that_key(run_many, one_line_error, tmp_path,
+                                                                      tiny_model):
     phases = "training.phases=[{step: 0, trainable: [lora, attn_lora]}]"
-    runs = run_many({key: ["train.py", "presets/orpo.yml", f"output_dir={tmp_path}", phases, f"lora.{key}=[]"]
+    runs = run_many({key: ["train.py", "presets/orpo.yml", f"output_dir={tmp_path}", f"model_name={tiny_model}",
+                           phases, f"lora.{key}=[]"]
                      for key in ("targets", "attn_targets")}, timeout=120)
     for key, p in runs.items():
         one_line_error(p, f"`lora.{key}` is empty", f"lora.{key}=[", "training.phases")

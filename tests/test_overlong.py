@@ -24,7 +24,8 @@ def test_drop_skips_the_pairs_that_do_not_fit_and_reports_them_by_line(tok):
         make(tok, PAIR, long, PAIR, max_length=n - 1, max_prompt_length=n - 3, overlong="drop")
     # the same rows under truncate (the default): all kept, the four long ones cut
     kept, report = make(tok, *rows, max_length=n, max_prompt_length=n - 2)
-    assert len(kept) == 6 and report == [f"[data] data: 6 pairs (4 truncated to data.max_length={n})"]
+    assert len(kept) == 6 and report == [f"[data] data: 6 pairs (4 truncated to data.max_length={n}, lines 2, 4, 5, ...; "
+                                        "raise data.max_length to keep them whole)"]
 
 
 def test_drop_also_skips_text_cut_before_tokenizing_and_processed_rows(tok):

@@ -74,7 +74,7 @@ def test_every_refused_start_names_the_way_out_and_changes_nothing_on_disk(run_m
         "same run_name": (["training.max_steps=2"], [str(run), "already holds a run", "run_name", resume]),
         "model inside the run": ([f"model_name={run / 'final'}", "training.max_steps=2"],
                                  ["overlap", "its own input model"]),
-        "changed orpo_lambda": ([resume, "training.orpo_lambda=0.5"], ["training.orpo_lambda was 1.0, now 0.5"]),
+        "changed orpo_lambda": ([resume, "training.orpo_lambda=0.5"], ["training.orpo_lambda was 3.0, now 0.5"]),
         "changed weight_decay": ([resume, "training.weight_decay=0.1"], ["training.weight_decay was 0.0, now 0.1"]),
         "changed lora.alpha": ([resume, "lora.alpha=8"], ["lora.alpha was 32.0, now 8.0"]),
         "changed batch_size": ([resume, "training.batch_size=8"], ["training.batch_size was 4, now 8"]),

@@ -1,6 +1,7 @@
 """tiny: the embedded pairs follow their rules, and the pre-trained base knows the task's words and format but
 not its preference (near-chance accuracy with both answers already likely), built deterministically, once."""
 import os
+import re
 
 import pytest
 from conftest import tiny_base
@@ -17,14 +18,18 @@ def test_a_pair_differs_in_its_sign_off_alone_and_the_sign_off_follows_the_count
         assert row["rejected"] == f"Sure: {' '.join(right)}.{({*tiny.SIGN_OFFS} - {sign_off}).pop()}"
 
 
-def test_the_lengths_variant_drops_or_repeats_one_item_half_and_half():
-    longer = 0
-    for row in tiny.make_pairs(400, variant="tiny-lengths"):
-        chosen, rejected = (row[k].removeprefix("Sure: ").split(".")[0].split() for k in ("chosen", "rejected"))
-        assert abs(len(chosen) - len(rejected)) == 1
-        assert row["chosen"].split(".")[1] == row["rejected"].split(".")[1] == tiny.sign_off(chosen)
-        longer += len(rejected) > len(chosen)
-    assert 150 < longer < 250
+def test_the_lengths_variant_names_an_item_in_the_odd_sign_off_so_either_answer_is_the_longer():
+    chosen_longer = 0
+    for row, plain in zip(tiny.make_pairs(400, variant="tiny-lengths"), tiny.make_pairs(400)):
+        assert row["prompt"] == plain["prompt"]  # the same prompts and rule, only the odd sign-off differs
+        items = row["prompt"].split(": ")[1].split()
+        for key in ("chosen", "rejected"):
+            if plain[key].endswith(tiny.SIGN_OFFS[1]):
+                assert re.fullmatch(r".* Anything else about (\w+)\?", row[key])[1] in items
+            else:
+                assert row[key] == plain[key]
+        chosen_longer += len(row["chosen"]) > len(row["rejected"])
+    assert 150 < chosen_longer < 250
 
 
 def test_pretraining_answers_take_either_order_and_either_sign_off():
