@@ -111,6 +111,57 @@ def first_or(run):
     return run[1][min(run[1])]["train/orpo_loss"]
 
 
+def bench(*args):
+    """The JSON line bench.py prints for args, run with one CPU thread (steadier timings on a shared machine)."""
+    p = subprocess.run([sys.executable, "bench.py", *args], cwd=ROOT, capture_output=True, text=True,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    if p.returncode:
+        sys.exit(f"bench.py {' '.join(args)} failed:\n{p.stderr[-2000:]}")
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def packing():
+    """Tokens processed and CPU step time, packed against padded, on two batches (bench.py)."""
+    lines = ["| batch (bench.py arguments) | layout | tokens processed a step | real tokens | CPU step |",
+             "|---|---|---|---|---|"]
+    for label, args in (("the embedded default's (`--data tiny --configs full`)", ["--data", "tiny", "--configs",
+                                                                                  "full", "--steps", "40"]),
+                        ("8 protocol pairs, tiny shapes (`--tiny --configs lora`)", ["--tiny", "--configs", "lora",
+                                                                                    "--steps", "20"])):
+        rows = {layout: bench(*args, "--layout", layout) for layout in ("padded", "packed")}
+        for layout, row in rows.items():
+            lines.append(f"| {label} | {layout} | {row['tokens_processed']:,} | {row['real_tokens']:,} | "
+                         f"{row['step_ms']:.0f} ms |")
+        packed, padded = rows["packed"], rows["padded"]
+        lines.append(f"| | packed / padded | {packed['tokens_processed'] / padded['tokens_processed']:.2f} | | "
+                     f"{packed['step_ms'] / padded['step_ms']:.2f} |")
+    return "\n" + "\n".join(lines) + "\n"
+
+
+def memory():
+    """Bytes each rank holds after one step ([memory] lines): one process, then FSDP on 1 and 2 ranks."""
+    lora, full = ("training.phases=[{step: 0, trainable: [%s]}]" % groups for groups in ("lora, attn_lora", "all"))
+    runs = [("full fine-tuning, no FSDP", 1, False, [full]), ("full fine-tuning, FSDP", 1, True, [full]),
+            ("full fine-tuning, FSDP", 2, True, [full]), ("LoRA r16, FSDP", 1, True, [lora]),
+            ("LoRA r16, FSDP", 2, True, [lora])]
+    lines = ["| run (the tiny default model) | ranks | parameters | gradients | AdamW | total per rank |",
+             "|---|---|---|---|---|---|"]
+    with tempfile.TemporaryDirectory() as out:
+        for i, (label, ranks, fsdp, extra) in enumerate(runs):
+            launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}"] if fsdp else []
+            args = [sys.executable, *launcher, "train.py", "presets/orpo.yml", f"output_dir={out}", f"run_name=m{i}",
+                    "training.max_steps=1", "training.batch_size=4", "training.eval_every=0", "sample.max_new_tokens=1",
+                    *(["training.fsdp=true"] if fsdp else []), *extra]
+            p = subprocess.run(args, cwd=ROOT, capture_output=True, text=True,
+                               env={**os.environ, "OMP_NUM_THREADS": "1"})
+            found = re.search(r"\[memory\] rank 0 of \d+ holds parameters ([\d.]+) MiB \+ gradients ([\d.]+) MiB \+ "
+                              r"AdamW ([\d.]+) MiB = ([\d.]+) MiB", p.stdout)
+            if p.returncode or not found:
+                sys.exit(f"{' '.join(args[1:])} failed:\n{p.stderr[-2000:]}")
+            lines.append(f"| {label} | {ranks} | " + " | ".join(f"{x} MiB" for x in found.groups()) + " |")
+    return "\n" + "\n".join(lines) + "\n"
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--only", default="", help="comma list of the blocks to rewrite (default: all): table, summary, "
