@@ -1,7 +1,7 @@
 """Talk to a model: a ChatML conversation in the terminal, the answer printed token by token as it is made.
 
     python -m minorpo.chat outputs/orpo/final                          # type; /reset, /exit, Ctrl-D
-    python -m minorpo.chat outputs/orpo/final --prompt "Sort: 3 1 2"   # one answer, then exit
+    python -m minorpo.chat outputs/orpo/final --prompt "Reverse: red fox oak"   # one answer, then exit
     python -m minorpo.chat Qwen/Qwen3-0.6B --adapter outputs/qwen3-0.6b-lora-orpo/final/adapter \\
         --system "Answer briefly." --temperature 0.7 --top-p 0.9 --max-new-tokens 256
 
