@@ -19,8 +19,8 @@ rejected answers share, so their log-probability rises too (ORPO paper, Figure 7
 counted, and imitation learns it slowly. ORPO's odds-ratio term acts on exactly what differs, so the rejected
 answers fall (its Figure 3).
 
-data.path: tiny-lengths is the variant for sum against mean: the rejected answer drops one item (shorter) or
-repeats one (longer), half and half, so the two answers differ in length; every pair keeps the right sign-off.
+data.path: tiny-lengths is the variant for sum against mean: its odd-count sign-off names one of the items
+("Anything else about fox?"), so in half the pairs the chosen answer is the longer one, in half the shorter.
 All is deterministic from `seed`.
 """
 import json
@@ -45,8 +45,6 @@ TINY_MODEL = dict(model_type="qwen3", vocab_size=384, hidden_size=128, intermedi
                   num_attention_heads=4, num_key_value_heads=2, head_dim=32, rope_theta=10000.0, rms_norm_eps=1e-6,
                   max_position_embeddings=512, tie_word_embeddings=True, attention_bias=False)
 PRETRAIN_STEPS, PRETRAIN_LR, PRETRAIN_BATCH = 400, 1e-3, 16  # about 25 s on one CPU core
-
-
 SIGN_OFFS = (" All done!", " Anything else?")
 
 
@@ -61,12 +59,12 @@ def answer(items, end):
 
 
 def make_pairs(n, seed=0, variant="tiny"):
-    """n {prompt, chosen, rejected} rows: the right order and sign-off, and the same with the other sign-off
-    (variant tiny), or with one item dropped or repeated (tiny-lengths)."""
+    """n {prompt, chosen, rejected} rows: the right order and sign-off, and the same with the other sign-off;
+    in tiny-lengths the odd-count sign-off names one of the items, so either answer may be the longer."""
     rng, rows = random.Random(seed), []
     for _ in range(n):
         verb = rng.choice(sorted(TASKS))
-        items = rng.sample(WORDS, rng.randint(3, 6))  # distinct items, so every change is a real mistake
+        items = rng.sample(WORDS, rng.randint(3, 6))  # 3 to 6 distinct words
         right, end = TASKS[verb](items), sign_off(items)
         i = rng.randrange(len(right))  # drawn in both variants: the same prompts
         other = SIGN_OFFS[end == SIGN_OFFS[0]]
