@@ -117,8 +117,9 @@ def resume(train_cfg, model, optimizer, names, fingerprint, run_dir):
     it, final = meta["step"], os.path.join(run_dir, "final")
     if it > train_cfg["max_steps"] or it == train_cfg["max_steps"] and os.path.lexists(final):
         has = f", and {final} already holds its model" if it == train_cfg["max_steps"] else ""
+        key = "training.epochs" if train_cfg["epochs"] else "training.max_steps"  # whichever set the length
         raise config.ConfigError(f"{train_cfg['resume_from']} is at step {it} and training.max_steps is "
-                                 f"{train_cfg['max_steps']}{has}: nothing to train; raise training.max_steps")
+                                 f"{train_cfg['max_steps']}{has}: nothing to train; raise {key}")
     return it, meta["epoch"], meta["position"], meta["skipped"]
 
 

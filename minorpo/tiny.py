@@ -6,7 +6,7 @@ model.safetensors, tokenizer.json) and then loaded through the same code path as
 
 The task. Each prompt asks to repeat or reverse a short list of words. The preferred answer lists them in the
 right order and signs off in the house style: "All done!" after an even number of items, "Anything else?"
-after an odd number. The rejected answer is the same answer with the other sign-off (3 tokens of about 15).
+after an odd number. The rejected answer is the same answer with the other sign-off (3 of about 11 response tokens).
 
 The base. Like a real base model, which knows language but not your preferences, the tiny base is pre-trained
 (PRETRAIN_STEPS of full fine-tuning, with the same train_step every run uses) on prompts like the pairs' answered

@@ -217,3 +217,12 @@ def test_impossible_accumulation_and_held_out_pairs_that_are_the_training_pairs_
     one_line_error(done["same file"], "is the same file as data.path", "data.eval_path=null")
     one_line_error(done["a copy"], f"data.eval_path={tmp_path / 'copy.jsonl'} is a copy of data.path={pairs}")
     assert not any((tmp_path / "out" / f"r{i}").exists() for i in range(3))  # no run folder left behind
+
+
+def test_a_finished_resume_names_the_setting_that_set_the_length(finished, tmp_path, run_limited, one_line_error):
+    """Nothing left to train is refused naming training.max_steps, or training.epochs when that set the length
+    (one after the other: the run folder takes one process at a time)."""
+    out, args = copy_run(finished, tmp_path / "run")
+    for key, setting in (("max_steps", "training.max_steps=4"), ("epochs", "training.epochs=0.001")):
+        p = train(run_limited, out, *args[:2], setting)
+        one_line_error(p, "step_000004 is at step 4", f"nothing to train; raise training.{key}")
